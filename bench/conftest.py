@@ -1,0 +1,74 @@
+"""Benchmark helpers: interleaved A/B timing in one process, and a summary table at the end.
+
+pytest-benchmark times the candidate (resnet_fast) for its own statistics; :func:`compare`
+then runs the candidate and every baseline alternately, pair after pair, and records the
+median of the per-pair time ratios: shared machines drift, ratios taken side by side hold.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import pytest
+import torch
+
+RESULTS: list[dict] = []
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def compare(benchmark, name: str, items: int, candidate, baselines: dict, pairs: int = 5, rounds: int = 3) -> dict:
+    """Benchmarks ``candidate`` and records ``candidate`` vs each baseline, interleaved.
+
+    items: images (or elements) per call, for the throughput column.
+    Returns {baseline: median speed-up of the candidate}.
+    """
+    for fn in (candidate, *baselines.values()):  # warm-up: allocator, oneDNN primitive caches
+        fn()
+    benchmark.pedantic(candidate, rounds=rounds, iterations=1, warmup_rounds=0)
+    ratios = {b: [] for b in baselines}
+    cand_times = []
+    for _ in range(pairs):
+        t = _time(candidate)
+        cand_times.append(t)
+        for b, fn in baselines.items():
+            ratios[b].append(_time(fn) / t)
+    speedups = {b: statistics.median(r) for b, r in ratios.items()}
+    row = {"name": name, "items_per_s": items / statistics.median(cand_times), "speedups": speedups}
+    RESULTS.append(row)
+    benchmark.extra_info.update({f"speedup_vs_{b}": round(s, 3) for b, s in speedups.items()})
+    benchmark.extra_info["items_per_s"] = round(row["items_per_s"], 2)
+    return speedups
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("resnet_fast: speed-up over each baseline (median of interleaved pairs)")
+    tr.write_line(f"machine: {machine()}")
+    tr.write_line(f"{'workload':<44} {'resnet_fast /s':>14}  speed-up vs baseline")
+    for row in RESULTS:
+        ups = ", ".join(f"{b} {s:.2f}x" for b, s in row["speedups"].items())
+        tr.write_line(f"{row['name']:<44} {row['items_per_s']:>14.1f}  {ups}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

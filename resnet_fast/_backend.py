@@ -1,0 +1,154 @@
+"""Which implementation runs each fused op.
+
+Backends:
+
+* ``auto`` (default): the best implementation for the tensor's device: the C++ kernels for
+  CPU tensors, the GPU kernels for CUDA tensors, the eager formula where none is built.
+* ``eager``: every op runs its pure-PyTorch formula (:mod:`resnet_fast.ops.reference`).
+* ``cpu`` / ``cuda``: the C++ / CUDA C++ kernels of the compiled extension.
+* ``triton``: the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+A backend runs the ops it implements; an op it lacks runs its eager formula (the table of
+which op has which kernel is :func:`kernels`). Choose with the environment variable
+``RESNET_FAST_BACKEND`` (read at import) or :func:`set_backend`.
+
+Every decision here is plain Python on module state computed at import, so that
+``torch.compile`` traces through it without a graph break.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "eager", "cpu", "cuda", "triton")
+
+# -- the compiled extension -------------------------------------------------------------------
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.resnet_fast.*)
+
+    _extension_error: str | None = None
+except Exception as exc:  # ImportError, or an OSError from a broken build
+    _extension_error = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        "resnet_fast: the compiled extension resnet_fast._C could not be loaded "
+        f"({_extension_error}); every op falls back to its eager PyTorch formula, which is "
+        "slower. Rebuild it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension_available() -> bool:
+    """True when the compiled extension ``resnet_fast._C`` is loaded."""
+    return _extension_error is None
+
+
+def extension_error() -> str | None:
+    """Why the compiled extension could not be loaded, or None when it is."""
+    return _extension_error
+
+
+def _registered(op: str, key: str) -> bool:
+    if _extension_error is not None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fast::{op}", key)
+    except RuntimeError:  # the op does not exist in this build
+        return False
+
+
+# Ops with compiled kernels, and which devices each one covers: {op: {"cpu": bool, "cuda": bool}}.
+EXTENSION_OPS = ("zero_pad_shortcut",)
+_KERNELS = {op: {"cpu": _registered(op, "CPU"), "cuda": _registered(op, "CUDA")} for op in EXTENSION_OPS}
+_CUDA_DEVICE = torch.cuda.is_available()
+
+
+def kernels() -> dict[str, dict[str, bool]]:
+    """{op: {"cpu": built, "cuda": built}} for the ops of the compiled extension."""
+    return {op: dict(v) for op, v in _KERNELS.items()}
+
+
+def cuda_kernels_built() -> bool:
+    """True when the extension was compiled with its CUDA sources."""
+    return any(v["cuda"] for v in _KERNELS.values())
+
+
+# -- choosing a backend -----------------------------------------------------------------------
+
+
+def _unavailable_reason(name: str) -> str | None:
+    if name in ("auto", "eager"):
+        return None
+    if name in ("cpu", "cuda") and _extension_error is not None:
+        return f"the compiled extension is not loaded ({_extension_error})"
+    if name == "cuda":
+        if not cuda_kernels_built():
+            return "the extension was built without its CUDA sources (no CUDA toolkit, or RESNET_FAST_CUDA=0)"
+        if not _CUDA_DEVICE:
+            return "torch sees no CUDA device"
+    if name == "triton":
+        return "this version has no Triton kernels yet"
+    return None
+
+
+def _checked(name) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"unknown resnet_fast backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    reason = _unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"resnet_fast backend {name!r} is not available here: {reason}")
+    return name
+
+
+def available_backends() -> list[str]:
+    """The backends :func:`set_backend` accepts on this machine and build."""
+    return [b for b in BACKENDS if _unavailable_reason(b) is None]
+
+
+_current = _checked(os.environ.get("RESNET_FAST_BACKEND", "auto").strip() or "auto")
+
+
+def get_backend() -> str:
+    """The name of the current backend."""
+    return _current
+
+
+def set_backend(name: str) -> str:
+    """Selects the backend for every fused op; returns the previous one's name.
+
+    Raises ValueError for an unknown name and RuntimeError for one that is not available.
+    """
+    global _current
+    previous, _current = _current, _checked(name)
+    return previous
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("eager"): ...`` runs the block with that backend, then restores it."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def resolve(op: str, device: torch.device) -> str:
+    """The implementation that runs ``op`` on a tensor of ``device``: eager, cpu, cuda or triton."""
+    backend = _current
+    if backend == "eager":
+        return "eager"
+    kind = device.type
+    if backend in ("cpu", "cuda") and kind != backend:
+        raise RuntimeError(
+            f"resnet_fast backend {backend!r} was selected but {op} got a tensor on {device}; "
+            f"move the tensor to {backend} or call resnet_fast.set_backend('auto')"
+        )
+    if kind in ("cpu", "cuda") and _KERNELS.get(op, {}).get(kind, False):
+        return kind
+    return "eager"

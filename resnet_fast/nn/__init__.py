@@ -1,0 +1,15 @@
+"""Fused modules: the blocks of the paper's networks and the functional entry points."""
+
+from .blocks import SHORTCUTS, BasicBlock, Bottleneck, ZeroPadShortcut, conv1x1, conv3x3, make_shortcut
+from .functional import bn_act
+
+__all__ = [
+    "SHORTCUTS",
+    "BasicBlock",
+    "Bottleneck",
+    "ZeroPadShortcut",
+    "bn_act",
+    "conv1x1",
+    "conv3x3",
+    "make_shortcut",
+]

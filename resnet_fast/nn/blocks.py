@@ -1,0 +1,169 @@
+"""The building blocks of the paper's networks, with torchvision's module names and
+state_dict keys, running the fused ops."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from .. import ops
+from .functional import bn_act
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding (no bias: a BatchNorm follows)."""
+    return nn.Conv2d(
+        in_planes, out_planes, 3, stride=stride, padding=dilation, groups=groups, bias=False, dilation=dilation
+    )
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution (no bias: a BatchNorm follows)."""
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class ZeroPadShortcut(nn.Module):
+    """The paper's option-A shortcut (section 3.3): identity subsampled by ``stride``, with the
+    ``out_channels - in_channels`` extra channels filled with zeros. Parameter-free."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(f"ZeroPadShortcut: out_channels ({out_channels}) < in_channels ({in_channels})")
+        if stride < 1:
+            raise ValueError(f"ZeroPadShortcut: expected stride >= 1, got {stride}")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"ZeroPadShortcut: expected an input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        return ops.zero_pad_shortcut(x, self.out_channels, self.stride)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (Fig. 2 left); ``residual=False`` gives the plain nets' block."""
+
+    expansion: int = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        residual: bool = True,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        if downsample is not None and not residual:
+            raise ValueError("a block without a residual connection has no shortcut to downsample")
+        # The stride sits on the first 3x3 convolution, as in the paper.
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self.residual = residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = bn_act(self.conv1(x), self.bn1)
+        out = self.conv2(out)
+        if not self.residual:
+            return bn_act(out, self.bn2)
+        identity = x if self.downsample is None else self.downsample(x)
+        return bn_act(out, self.bn2, residual=identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right).
+
+    torchvision (ResNet v1.5) puts the stride on the 3x3 convolution; the paper puts it on the
+    first 1x1 (``stride_in_1x1=True``), which gives the paper's Table 1 FLOPs.
+    """
+
+    expansion: int = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        residual: bool = True,
+        stride_in_1x1: bool = False,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if downsample is not None and not residual:
+            raise ValueError("a block without a residual connection has no shortcut to downsample")
+        width = int(planes * (base_width / 64.0)) * groups
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = conv1x1(inplanes, width, stride_1x1)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride_3x3, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.residual = residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = bn_act(self.conv1(x), self.bn1)
+        out = bn_act(self.conv2(out), self.bn2)
+        out = self.conv3(out)
+        if not self.residual:
+            return bn_act(out, self.bn3)
+        identity = x if self.downsample is None else self.downsample(x)
+        return bn_act(out, self.bn3, residual=identity)
+
+
+SHORTCUTS = ("A", "B", "C")
+
+
+def make_shortcut(
+    option: str,
+    inplanes: int,
+    outplanes: int,
+    stride: int,
+    norm_layer: Callable[..., nn.Module],
+) -> nn.Module | None:
+    """The shortcut of one block under the paper's options (section 4.1, Table 3):
+
+    * A: identity; zero-padding where the dimensions increase (parameter-free);
+    * B: identity; a 1x1 projection (conv + BN) where the dimensions increase;
+    * C: a projection on every shortcut.
+
+    Returns None for the identity (torchvision's ``downsample=None``).
+    """
+    if option not in SHORTCUTS:
+        raise ValueError(f"unknown shortcut option {option!r}; expected one of {', '.join(SHORTCUTS)}")
+    changes = stride != 1 or inplanes != outplanes
+    if option == "C" or (option == "B" and changes):
+        return nn.Sequential(conv1x1(inplanes, outplanes, stride), norm_layer(outplanes))
+    if option == "A" and changes:
+        return ZeroPadShortcut(inplanes, outplanes, stride)
+    return None

@@ -1,0 +1,61 @@
+"""The formula of every fused op, in plain PyTorch.
+
+This module is three things at once: the ``eager`` backend, the oracle that every kernel is
+tested against, and the documentation of the math. A kernel is correct when it agrees with
+its formula here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def zero_pad_shortcut(x: Tensor, out_channels: int, stride: int) -> Tensor:
+    """The paper's option-A shortcut (He et al. 2015, section 3.3): parameter-free identity.
+
+    ``out[n, c, h, w] = x[n, c, h*stride, w*stride]`` for ``c < C_in`` and ``0`` for the
+    ``out_channels - C_in`` extra channels, which are appended after the input's.
+
+    x: (N, C_in, H, W) -> (N, out_channels, ceil(H / stride), ceil(W / stride))
+    """
+    if x.dim() != 4:
+        raise ValueError(f"zero_pad_shortcut: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    if stride < 1:
+        raise ValueError(f"zero_pad_shortcut: expected stride >= 1, got {stride}")
+    if out_channels < x.shape[1]:
+        raise ValueError(
+            f"zero_pad_shortcut: out_channels ({out_channels}) must be at least the input's channels ({x.shape[1]})"
+        )
+    return F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, out_channels - x.shape[1]))
+
+
+def batch_norm_act(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    residual: Tensor | None = None,
+    relu: bool = True,
+) -> Tensor:
+    """BatchNorm, then an optional residual add, then an optional ReLU: the end of every
+    conv-BN-ReLU unit and of every residual block.
+
+    ``y = relu(BN(x) + residual)`` with ``BN(x)[:, c] = (x[:, c] - mean_c) / sqrt(var_c + eps)
+    * weight_c + bias_c``. In training, ``mean``/``var`` are the batch statistics over
+    (N, H, W) (biased variance for normalising) and the running buffers move by ``momentum``
+    towards them (unbiased variance); in eval the running buffers are used.
+
+    x, residual: (N, C, H, W); weight, bias, running_mean, running_var: (C,)
+    """
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y += residual
+    if relu:
+        y = torch.relu_(y)
+    return y

@@ -1,0 +1,76 @@
+"""The option-A zero-padding shortcut: registration (fake kernel, autograd) and routing.
+
+Formula: :func:`resnet_fast.ops.reference.zero_pad_shortcut`. Kernels: ``csrc/cpu/zero_pad_shortcut.cpp``,
+``csrc/cuda/zero_pad_shortcut.cu``, shared math in ``csrc/common/zero_pad_shortcut.h``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from .. import _backend
+from . import reference
+
+
+def zero_pad_shortcut(x: Tensor, out_channels: int, stride: int) -> Tensor:
+    """Subsample ``x`` by ``stride`` and append ``out_channels - C`` zero channels (differentiable)."""
+    if _backend.resolve("zero_pad_shortcut", x.device) == "eager":
+        return reference.zero_pad_shortcut(x, out_channels, stride)
+    return torch.ops.resnet_fast.zero_pad_shortcut(x, out_channels, stride)
+
+
+def _out_size(size: int, stride: int) -> int:
+    return (size + stride - 1) // stride
+
+
+if _backend.extension_available():
+
+    @torch.library.register_fake("resnet_fast::zero_pad_shortcut")
+    def _(x, out_channels, stride):
+        torch._check(x.dim() == 4, lambda: f"zero_pad_shortcut: expected a 4-D input, got {x.dim()}-D")
+        torch._check(stride >= 1, lambda: f"zero_pad_shortcut: expected stride >= 1, got {stride}")
+        torch._check(out_channels >= x.shape[1], lambda: "zero_pad_shortcut: out_channels < input channels")
+        n, _c, h, w = x.shape
+        return torch.empty(
+            (n, out_channels, _out_size(h, stride), _out_size(w, stride)),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=suggest_memory_format(x),
+        )
+
+    @torch.library.register_fake("resnet_fast::zero_pad_shortcut_backward")
+    def _(grad_out, input_size, stride):
+        return torch.empty(
+            tuple(input_size), dtype=grad_out.dtype, device=grad_out.device, memory_format=suggest_memory_format(grad_out)
+        )
+
+    def _setup_context(ctx, inputs, output):
+        x, _out_channels, stride = inputs
+        ctx.input_size = tuple(x.shape)
+        ctx.stride = stride
+
+    def _backward(ctx, grad):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.resnet_fast.zero_pad_shortcut_backward(grad, list(ctx.input_size), ctx.stride)
+        return grad_x, None, None
+
+    torch.library.register_autograd("resnet_fast::zero_pad_shortcut", _backward, setup_context=_setup_context)
+
+    # The backward is linear; its own gradient is the forward again (double backward).
+    def _setup_context_backward(ctx, inputs, output):
+        grad_out, _input_size, stride = inputs
+        ctx.out_channels = grad_out.shape[1]
+        ctx.stride = stride
+
+    def _backward_backward(ctx, grad):
+        grad_grad_out = None
+        if ctx.needs_input_grad[0]:
+            grad_grad_out = torch.ops.resnet_fast.zero_pad_shortcut(grad, ctx.out_channels, ctx.stride)
+        return grad_grad_out, None, None
+
+    torch.library.register_autograd(
+        "resnet_fast::zero_pad_shortcut_backward", _backward_backward, setup_context=_setup_context_backward
+    )

@@ -1,0 +1,154 @@
+"""The option-A shortcut op against its formula (resnet_fast.ops.reference.zero_pad_shortcut)."""
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast.ops import reference, zero_pad_shortcut
+from tests.conftest import requires_cuda, requires_extension
+
+pytestmark = requires_extension
+op = torch.ops.resnet_fast.zero_pad_shortcut if resnet_fast.extension_available() else None
+
+# (N, C_in, H, W, C_out, stride): the paper's transitions, and awkward ones.
+SHAPES = [
+    (2, 16, 32, 32, 32, 2),
+    (4, 32, 16, 16, 64, 2),
+    (1, 3, 7, 5, 17, 2),  # batch 1, odd sizes and channels
+    (3, 5, 1, 1, 8, 2),  # 1x1 map
+    (2, 8, 9, 9, 8, 3),  # stride 3, no padding channels
+    (2, 64, 6, 6, 256, 1),  # bottleneck layer1 under option A: stride 1
+]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def make_input(shape, dtype, layout, device="cpu", requires_grad=False):
+    n, c, h, w = shape
+    if layout == "channels_last":
+        x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    elif layout == "noncontiguous":
+        x = torch.randn(n, c, w, 2 * h, device=device).to(dtype).transpose(2, 3)[:, :, ::2]
+        assert not x.is_contiguous() and x.shape == (n, c, h, w)
+    else:
+        x = torch.randn(n, c, h, w, device=device).to(dtype)
+    return x.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_forward_and_backward_match_formula(shape, dtype, layout):
+    n, c, h, w, c_out, stride = shape
+    x = make_input((n, c, h, w), dtype, layout, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = op(x, c_out, stride)
+    y_ref = reference.zero_pad_shortcut(x_ref, c_out, stride)
+    # A copy: exact in every dtype.
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert y.stride() == torch.empty(y.shape).contiguous(memory_format=expected_format).stride()
+    grad = torch.randn_like(y_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+
+
+def test_gradcheck_and_double_backward():
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: op(t, 7, 2), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: op(t, 7, 2), (x,))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(layout):
+    x = make_input((2, 4, 6, 5), torch.float32, layout, requires_grad=True)
+    torch.library.opcheck(op, (x, 8, 2))
+    g = make_input((2, 8, 3, 3), torch.float32, layout, requires_grad=True)
+    torch.library.opcheck(torch.ops.resnet_fast.zero_pad_shortcut_backward, (g, [2, 4, 6, 5], 2))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.randn(2, 3, 4), 4, 2), "expected a 4-D input"),
+        ((torch.randn(1, 4, 4, 4), 3, 2), "must be at least the input's channels"),
+        ((torch.randn(1, 4, 4, 4), 8, 0), "expected stride >= 1"),
+    ],
+)
+def test_bad_input_is_refused_clearly(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        op(*args)
+    with pytest.raises(ValueError, match=message):
+        reference.zero_pad_shortcut(*args)
+
+
+def test_integer_input_is_refused():
+    with pytest.raises(RuntimeError, match="floating-point"):
+        op(torch.ones(1, 4, 4, 4, dtype=torch.int64), 8, 2)
+
+
+def test_backward_rejects_mismatched_sizes():
+    with pytest.raises(RuntimeError, match="does not fit an input"):
+        torch.ops.resnet_fast.zero_pad_shortcut_backward(torch.randn(2, 8, 3, 3), [2, 4, 8, 8], 2)
+
+
+def test_offsets_past_int32():
+    # A view whose second sample starts 2^31 elements in: 32-bit offsets would wrap. torch.empty
+    # does not touch the 4 GiB it reserves, so only the pages written here are ever allocated.
+    storage = torch.empty(2**31 + 64, dtype=torch.float16)
+    x = storage.as_strided((2, 3, 4, 4), (2**31, 16, 4, 1))
+    x.copy_(torch.randn(2, 3, 4, 4))
+    torch.testing.assert_close(op(x, 5, 2), reference.zero_pad_shortcut(x, 5, 2), rtol=0, atol=0)
+    grad_out = storage.as_strided((2, 5, 2, 2), (2**31, 4, 2, 1))
+    grad_out.copy_(torch.randn(2, 5, 2, 2))
+    expected = torch.zeros(2, 3, 4, 4, dtype=torch.float16)
+    expected[:, :, ::2, ::2] = grad_out[:, :3]
+    grad_x = torch.ops.resnet_fast.zero_pad_shortcut_backward(grad_out, [2, 3, 4, 4], 2)
+    torch.testing.assert_close(grad_x, expected, rtol=0, atol=0)
+
+
+def test_routing_follows_the_backend(monkeypatch):
+    calls = []
+    real = reference.zero_pad_shortcut
+    monkeypatch.setattr(reference, "zero_pad_shortcut", lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(2, 4, 4, 4)
+    resnet_fast.set_backend("eager")
+    zero_pad_shortcut(x, 8, 2)
+    assert len(calls) == 1
+    for backend in ("auto", "cpu"):
+        resnet_fast.set_backend(backend)
+        torch.testing.assert_close(zero_pad_shortcut(x, 8, 2), real(x, 8, 2), rtol=0, atol=0)
+    assert len(calls) == 1
+
+
+def test_compiles_without_graph_break():
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    fn = torch.compile(lambda t: zero_pad_shortcut(t, 8, 2).sin(), fullgraph=True, backend="aot_eager")
+    y = fn(x)
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference.zero_pad_shortcut(x_ref, 8, 2).sin().sum().backward()
+    torch.testing.assert_close(y, reference.zero_pad_shortcut(x, 8, 2).sin())
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_cuda_kernel_matches_formula(shape, dtype, layout):
+    n, c, h, w, c_out, stride = shape
+    x = make_input((n, c, h, w), dtype, layout, device="cuda", requires_grad=True)
+    y = op(x, c_out, stride)
+    torch.testing.assert_close(y, reference.zero_pad_shortcut(x.detach(), c_out, stride), rtol=0, atol=0)
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    x_ref = x.detach().clone().requires_grad_(True)
+    (gx_ref,) = torch.autograd.grad(reference.zero_pad_shortcut(x_ref, c_out, stride), x_ref, grad)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_opcheck():
+    x = torch.randn(2, 4, 6, 5, device="cuda", requires_grad=True)
+    torch.library.opcheck(op, (x, 8, 2))

@@ -1,0 +1,96 @@
+"""The backend switch, and the fallback when the extension is missing."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import resnet_fast
+
+
+def run_python(code, **env):
+    """Runs code in a fresh interpreter (the backend is chosen at import)."""
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_set_backend_returns_the_previous_one():
+    assert resnet_fast.get_backend() == "auto"
+    assert resnet_fast.set_backend("eager") == "auto"
+    assert resnet_fast.get_backend() == "eager"
+    assert resnet_fast.set_backend("auto") == "eager"
+    with resnet_fast.use_backend("eager"):
+        assert resnet_fast.get_backend() == "eager"
+    assert resnet_fast.get_backend() == "auto"
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown resnet_fast backend 'fast'.*auto, eager, cpu, cuda, triton"):
+        resnet_fast.set_backend("fast")
+    assert resnet_fast.get_backend() == "auto"
+
+
+def test_unavailable_backends_say_why():
+    with pytest.raises(RuntimeError, match="'triton' is not available here: this version has no Triton kernels"):
+        resnet_fast.set_backend("triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'cuda' is not available here"):
+            resnet_fast.set_backend("cuda")
+        assert "cuda" not in resnet_fast.available_backends()
+    assert resnet_fast.get_backend() == "auto"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_cpu_backend_refuses_cuda_tensors():
+    resnet_fast.set_backend("cpu")
+    with pytest.raises(RuntimeError, match="backend 'cpu' was selected but zero_pad_shortcut got a tensor on cuda"):
+        resnet_fast.ops.zero_pad_shortcut(torch.randn(1, 2, 4, 4, device="cuda"), 4, 2)
+
+
+def test_environment_variable_selects_the_backend():
+    r = run_python("import resnet_fast; print(resnet_fast.get_backend())", RESNET_FAST_BACKEND="eager")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "eager"
+    r = run_python("import resnet_fast", RESNET_FAST_BACKEND="turbo")
+    assert r.returncode != 0
+    assert "unknown resnet_fast backend 'turbo'" in r.stderr
+
+
+def test_fallback_when_the_extension_is_missing():
+    r = run_python(
+        """
+        import sys, warnings
+        sys.modules["resnet_fast._C"] = None  # makes `from . import _C` raise ImportError
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import resnet_fast
+            import torch
+            model = resnet_fast.resnet20()
+            out = model(torch.randn(4, 3, 32, 32))
+            out.sum().backward()
+        messages = [str(w.message) for w in caught if "resnet_fast._C" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "falls back to its eager PyTorch formula" in messages[0]
+        assert not resnet_fast.extension_available()
+        assert "resnet_fast._C" in resnet_fast.extension_error()
+        assert resnet_fast.available_backends() == ["auto", "eager"], resnet_fast.available_backends()
+        try:
+            resnet_fast.set_backend("cpu")
+        except RuntimeError as e:
+            assert "extension is not loaded" in str(e)
+        else:
+            raise AssertionError("set_backend('cpu') should fail without the extension")
+        print("ok", tuple(out.shape))
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok (4, 10)"
+
+
+def test_kernel_table_lists_built_kernels():
+    table = resnet_fast._backend.kernels()
+    assert set(table) == {"zero_pad_shortcut"}
+    assert table["zero_pad_shortcut"]["cpu"] == resnet_fast.extension_available()
