@@ -103,9 +103,9 @@ def extensions():
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp"]
-    # The module holds no Python code of its own (ops register through TORCH_LIBRARY), so it
-    # builds against the stable ABI like pytorch/extension-cpp.
-    define_macros = [("Py_LIMITED_API", "0x030b0000")]
+    # py_limited_api below: the module holds no Python code of its own (ops register through
+    # TORCH_LIBRARY), so it builds against the stable ABI like pytorch/extension-cpp.
+    define_macros = []
     extra = {"cxx": cxx}
     kind = cpp_extension.CppExtension
     if with_cuda:

@@ -17,4 +17,18 @@ TORCH_LIBRARY(resnet_fast, m) {
   // Option-A shortcut (see csrc/common/zero_pad_shortcut.h).
   m.def("zero_pad_shortcut(Tensor x, int out_channels, int stride) -> Tensor");
   m.def("zero_pad_shortcut_backward(Tensor grad_out, SymInt[] input_size, int stride) -> Tensor");
+
+  // BatchNorm (+ residual add) (+ ReLU) (see csrc/common/batch_norm_act.h). Returns the output and
+  // the mean and biased variance it normalised with (the batch's in training, the running
+  // statistics in eval); the caller updates the running statistics. The residual is read in place:
+  // r[n, c, h, w] = residual[n, c, h * residual_stride, w * residual_stride] for c < its channels, 0
+  // beyond, which covers the identity, a projection and the option-A zero-padding shortcut.
+  m.def(
+      "batch_norm_act(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, "
+      "Tensor? residual, int residual_stride, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  // Returns (grad_x, grad_weight, grad_bias, grad_residual); grad_residual is the gradient of the
+  // full-size residual term (empty unless residual_grad). `output` is needed only with relu.
+  m.def(
+      "batch_norm_act_backward(Tensor grad_y, Tensor x, Tensor? output, Tensor weight, Tensor mean, Tensor var, "
+      "bool training, float eps, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -63,7 +63,7 @@ def _registered(op: str, key: str) -> bool:
 
 
 # Ops with compiled kernels, and which devices each one covers: {op: {"cpu": bool, "cuda": bool}}.
-EXTENSION_OPS = ("zero_pad_shortcut",)
+EXTENSION_OPS = ("zero_pad_shortcut", "batch_norm_act")
 _KERNELS = {op: {"cpu": _registered(op, "CPU"), "cuda": _registered(op, "CUDA")} for op in EXTENSION_OPS}
 _CUDA_DEVICE = torch.cuda.is_available()
 

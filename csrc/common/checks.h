@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+
 #include "common/macros.h"
 
 namespace resnet_fast {
@@ -33,6 +35,42 @@ inline void check_zero_pad_shortcut_backward_args(const at::Tensor& grad_out, at
                   grad_out.size(3) == (input_size[3] + stride - 1) / stride,
               "zero_pad_shortcut_backward: grad_out of shape ", grad_out.sizes(),
               " does not fit an input of shape ", input_size, " with stride ", stride);
+}
+
+inline void check_batch_norm_act_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                      const std::optional<at::Tensor>& running_mean,
+                                      const std::optional<at::Tensor>& running_var,
+                                      const std::optional<at::Tensor>& residual, int64_t residual_stride,
+                                      bool training) {
+  TORCH_CHECK(x.dim() == 4, "batch_norm_act: expected a 4-D input (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "batch_norm_act: expected a floating-point input, got ",
+              x.scalar_type());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(weight.numel() == C && bias.numel() == C, "batch_norm_act: expected weight and bias of ", C,
+              " elements (one per channel), got ", weight.numel(), " and ", bias.numel());
+  TORCH_CHECK(training || (running_mean.has_value() && running_var.has_value()),
+              "batch_norm_act: eval mode needs running_mean and running_var");
+  for (const auto* t : {&running_mean, &running_var}) {
+    TORCH_CHECK(!t->has_value() || (*t)->numel() == C, "batch_norm_act: expected running statistics of ", C,
+                " elements, got ", (*t)->numel());
+  }
+  if (training) {
+    TORCH_CHECK(x.numel() == 0 || x.size(0) * x.size(2) * x.size(3) > 1,
+                "Expected more than 1 value per channel when training, got input size ", x.sizes());
+  }
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK(residual_stride >= 1, "batch_norm_act: expected residual_stride >= 1, got ", residual_stride);
+    TORCH_CHECK(r.dim() == 4 && r.size(0) == x.size(0) && r.size(1) <= C &&
+                    (r.size(2) + residual_stride - 1) / residual_stride == x.size(2) &&
+                    (r.size(3) + residual_stride - 1) / residual_stride == x.size(3),
+                "batch_norm_act: a residual of shape ", r.sizes(), " with stride ", residual_stride,
+                " does not fit an output of shape ", x.sizes(),
+                " (expected (N, C_r <= C, H_r, W_r) with ceil(H_r / stride) = H and ceil(W_r / stride) = W)");
+    TORCH_CHECK(r.scalar_type() == x.scalar_type() && r.device() == x.device(),
+                "batch_norm_act: the residual must have the input's dtype and device, got ", r.scalar_type(), " on ",
+                r.device(), " for ", x.scalar_type(), " on ", x.device());
+  }
 }
 
 }  // namespace resnet_fast

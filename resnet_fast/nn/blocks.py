@@ -46,6 +46,16 @@ class ZeroPadShortcut(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
 
 
+def shortcut_of(downsample: nn.Module | None, x: Tensor) -> tuple[Tensor, int]:
+    """The residual term of a block and the stride to read it with. An option-A shortcut is
+    not run: the fused kernel reads the block input in place, subsampled and zero-padded."""
+    if downsample is None:
+        return x, 1
+    if type(downsample) is ZeroPadShortcut and not (downsample._forward_hooks or downsample._forward_pre_hooks):
+        return x, downsample.stride
+    return downsample(x), 1
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (Fig. 2 left); ``residual=False`` gives the plain nets' block."""
 
@@ -87,8 +97,8 @@ class BasicBlock(nn.Module):
         out = self.conv2(out)
         if not self.residual:
             return bn_act(out, self.bn2)
-        identity = x if self.downsample is None else self.downsample(x)
-        return bn_act(out, self.bn2, residual=identity)
+        identity, stride = shortcut_of(self.downsample, x)
+        return bn_act(out, self.bn2, residual=identity, residual_stride=stride)
 
 
 class Bottleneck(nn.Module):
@@ -137,8 +147,8 @@ class Bottleneck(nn.Module):
         out = self.conv3(out)
         if not self.residual:
             return bn_act(out, self.bn3)
-        identity = x if self.downsample is None else self.downsample(x)
-        return bn_act(out, self.bn3, residual=identity)
+        identity, stride = shortcut_of(self.downsample, x)
+        return bn_act(out, self.bn3, residual=identity, residual_stride=stride)
 
 
 SHORTCUTS = ("A", "B", "C")

@@ -15,11 +15,18 @@ def _runs_own_forward(bn: nn.Module) -> bool:
     return type(bn) is not nn.BatchNorm2d or bool(bn._forward_hooks or bn._forward_pre_hooks)
 
 
-def bn_act(x: Tensor, bn: nn.Module, residual: Tensor | None = None, relu: bool = True) -> Tensor:
+def bn_act(
+    x: Tensor, bn: nn.Module, residual: Tensor | None = None, relu: bool = True, residual_stride: int = 1
+) -> Tensor:
     """``relu(bn(x) + residual)`` with exactly nn.BatchNorm2d's semantics (batch statistics in
     training, running statistics in eval, momentum=None as a cumulative average,
-    ``num_batches_tracked``, ``track_running_stats``), through the fused op."""
+    ``num_batches_tracked``, ``track_running_stats``), through the fused op.
+
+    A residual with fewer channels than ``x`` or a ``residual_stride`` > 1 is the option-A
+    shortcut: subsampled and zero-padded, read in place by the fused kernel."""
     if _runs_own_forward(bn):
+        if residual is not None and (residual_stride != 1 or residual.shape[1] != x.shape[1]):
+            residual = ops.zero_pad_shortcut(residual, x.shape[1], residual_stride)
         y = bn(x)
         if residual is not None:
             y = y + residual
@@ -44,4 +51,5 @@ def bn_act(x: Tensor, bn: nn.Module, residual: Tensor | None = None, relu: bool 
         bn.eps,
         residual,
         relu,
+        residual_stride,
     )

@@ -1,5 +1,6 @@
 """The CIFAR-10 nets of section 4.2 against Table 6 and against an independent implementation."""
 
+import copy
 import pickle
 
 import pytest
@@ -80,26 +81,40 @@ class IndependentCifarNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def _grads(model, x):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.square().sum().backward()
+    return {"output": out.detach(), "input": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+
+
 @pytest.mark.parametrize("backend", ["eager", "auto"])
 @pytest.mark.parametrize("residual", [True, False])
 def test_matches_an_independent_implementation(backend, residual):
     resnet_fast.set_backend(backend)
-    ref = IndependentCifarNet(3, residual)
-    ours = resnet_fast.CifarResNet(20, residual=residual)
+    ref = IndependentCifarNet(3, residual).double()
+    ours = resnet_fast.CifarResNet(20, residual=residual).double()
     ours.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(4, 3, 32, 32)
-    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out, out_ref = ours(xa), ref(xb)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
-    out_ref.square().sum().backward()
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
-    for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+
+    # float64: the same math, to rounding.
+    got, want = _grads(ours, x), _grads(ref, x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-12, msg=lambda m: f"{k}: {m}")
     for k, v in ref.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[k], v)
+        torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-9, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.eval()(x), ref.eval()(x), rtol=1e-9, atol=1e-12)
+
+    # float32: against the float64 result, at most twice the error of the eager nn modules.
+    ours32, ref32 = copy.deepcopy(ours).float().train(), copy.deepcopy(ref).float().train()
+    ref.train()
+    exact = _grads(ref, x)
+    got, eager = _grads(ours32, x.float()), _grads(ref32, x.float())
+    for k in exact:
+        err = (got[k].double() - exact[k]).abs().max().item()
+        eager_err = (eager[k].double() - exact[k]).abs().max().item()
+        assert err <= 2 * eager_err + 1e-6 * exact[k].abs().max().item(), (k, err, eager_err)
 
 
 def test_resnet1202_runs():

@@ -1,0 +1,193 @@
+// CPU implementation of batch_norm_act and its backward (formula: common/batch_norm_act.h).
+// Training runs two passes over memory forward (statistics, then normalise + residual + ReLU)
+// and two backward (per-channel sums, then dx); channels_last and NCHW each get their loops.
+// The kernels are compiled twice, for AVX2+FMA and for the baseline ISA, and chosen at run time.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "common/batch_norm_act.h"
+#include "common/checks.h"
+
+namespace resnet_fast {
+
+// A residual read in place: r(n, c, h, w) = c < C ? data[n*sN + c*sC + h*s*sH + w*s*sW] : 0,
+// which covers the identity, a projection's output and the option-A zero-padding shortcut.
+template <typename scalar_t>
+struct ResidualView {
+  const scalar_t* data = nullptr;
+  int64_t C = 0, sN = 0, sC = 0, sH = 0, sW = 0, stride = 1;
+};
+
+namespace cpu_generic {
+#include "cpu/batch_norm_act_kernels.inc"
+}  // namespace cpu_generic
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define RESNET_FAST_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace cpu_avx2 {
+#include "cpu/batch_norm_act_kernels.inc"
+}  // namespace cpu_avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+bool use_avx2() {
+#ifdef RESNET_FAST_AVX2
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#ifdef RESNET_FAST_AVX2
+#define RF_CPU_KERNEL(name) (use_avx2() ? cpu_avx2::name<scalar_t, acc_t> : cpu_generic::name<scalar_t, acc_t>)
+#else
+#define RF_CPU_KERNEL(name) (cpu_generic::name<scalar_t, acc_t>)
+#endif
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+bool is_channels_last(at::MemoryFormat fmt) {
+  return fmt == at::MemoryFormat::ChannelsLast;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& residual, int64_t residual_stride, bool training, double eps, bool relu) {
+  check_batch_norm_act_args(input, weight, bias, running_mean, running_var, residual, residual_stride, training);
+  const auto fmt = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(fmt);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const auto acc = acc_dtype(x);
+  at::Tensor mean, var;
+  if (training) {
+    mean = at::zeros({C}, x.options().dtype(acc));
+    var = at::zeros({C}, x.options().dtype(acc));
+  } else {
+    mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    var = running_var->to(acc, false, true).contiguous();
+  }
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (x.numel() == 0) return {y, mean, var};
+
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "batch_norm_act_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* vp = var.mutable_data_ptr<acc_t>();
+    if (training) {
+      if (is_channels_last(fmt))
+        RF_CPU_KERNEL(stats_channels_last)(xp, N * H * W, C, mp, vp);
+      else
+        RF_CPU_KERNEL(stats_nchw)(xp, N, C, H * W, mp, vp);
+    }
+    const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
+    std::vector<acc_t> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t invstd = acc_t(1) / std::sqrt(vp[c] + static_cast<acc_t>(eps));
+      scale[c] = w.const_data_ptr<acc_t>()[c] * invstd;
+      shift[c] = b.const_data_ptr<acc_t>()[c] - mp[c] * scale[c];
+    }
+    ResidualView<scalar_t> r;
+    if (residual.has_value()) {
+      const at::Tensor& t = *residual;
+      r = {t.const_data_ptr<scalar_t>(), t.size(1), t.stride(0), t.stride(1), t.stride(2), t.stride(3), residual_stride};
+    }
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (is_channels_last(fmt))
+      RF_CPU_KERNEL(apply_channels_last)(xp, yp, N, C, H, W, scale.data(), shift.data(), r, relu);
+    else
+      RF_CPU_KERNEL(apply_nchw)(xp, yp, N, C, H, W, scale.data(), shift.data(), r, relu);
+  });
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& input, const std::optional<at::Tensor>& output,
+    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool relu,
+    bool residual_grad) {
+  TORCH_CHECK(input.dim() == 4 && grad_y.sizes() == input.sizes(), "batch_norm_act_backward: expected grad_y of shape ",
+              input.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(!relu || (output.has_value() && output->sizes() == input.sizes()),
+              "batch_norm_act_backward: with relu=True the forward output is needed, of shape ", input.sizes());
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  TORCH_CHECK(weight.numel() == C && mean.numel() == C && var.numel() == C,
+              "batch_norm_act_backward: expected weight, mean and var of ", C, " elements");
+  TORCH_CHECK(grad_y.scalar_type() == input.scalar_type(), "batch_norm_act_backward: grad_y has dtype ",
+              grad_y.scalar_type(), ", the input ", input.scalar_type());
+  const auto fmt = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(fmt), dy = grad_y.contiguous(fmt);
+  const at::Tensor y = relu ? output->contiguous(fmt) : at::Tensor();
+  at::Tensor dz = residual_grad ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  const auto acc = acc_dtype(x);
+  at::Tensor grad_weight = at::zeros({C}, weight.options().dtype(acc));
+  at::Tensor grad_bias = at::zeros({C}, weight.options().dtype(acc));
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "batch_norm_act_backward_cpu", [&] {
+      using acc_t = acc_type<scalar_t>;
+      const at::Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous(), w = weight.to(acc).contiguous();
+      const acc_t* mp = m.const_data_ptr<acc_t>();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+      const scalar_t* yp = relu ? y.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* dzp = residual_grad ? dz.mutable_data_ptr<scalar_t>() : nullptr;
+      std::vector<double> sum_dz(C), sum_dzxmu(C);
+      const bool cl = is_channels_last(fmt);
+      if (cl)
+        RF_CPU_KERNEL(grad_sums_channels_last)(dyp, yp, xp, mp, N * H * W, C, relu, dzp, sum_dz.data(), sum_dzxmu.data());
+      else
+        RF_CPU_KERNEL(grad_sums_nchw)(dyp, yp, xp, mp, N, C, H * W, relu, dzp, sum_dz.data(), sum_dzxmu.data());
+      const double M = static_cast<double>(N * H * W);
+      std::vector<acc_t> mean_dz(C, acc_t(0)), k(C, acc_t(0)), scale(C);
+      acc_t* gw = grad_weight.mutable_data_ptr<acc_t>();
+      acc_t* gb = grad_bias.mutable_data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        const double invstd = 1.0 / std::sqrt(static_cast<double>(v.const_data_ptr<acc_t>()[c]) + eps);
+        scale[c] = static_cast<acc_t>(invstd * w.const_data_ptr<acc_t>()[c]);
+        if (training) {
+          mean_dz[c] = static_cast<acc_t>(sum_dz[c] / M);
+          k[c] = static_cast<acc_t>(sum_dzxmu[c] / M * invstd * invstd);
+        }
+        gw[c] = static_cast<acc_t>(sum_dzxmu[c] * invstd);
+        gb[c] = static_cast<acc_t>(sum_dz[c]);
+      }
+      scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+      if (cl)
+        RF_CPU_KERNEL(grad_input_channels_last)(dzp, dyp, yp, xp, mp, mean_dz.data(), k.data(), scale.data(), N * H * W, C,
+                                                relu, dxp);
+      else
+        RF_CPU_KERNEL(grad_input_nchw)(dzp, dyp, yp, xp, mp, mean_dz.data(), k.data(), scale.data(), N, C, H * W, relu,
+                                       dxp);
+    });
+  }
+  return {dx, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()), dz};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("batch_norm_act", &batch_norm_act_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+}
+
+}  // namespace resnet_fast

@@ -1,0 +1,219 @@
+"""batch_norm_act (BatchNorm + residual + ReLU) against its formula and against nn.BatchNorm2d."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import resnet_fast
+from resnet_fast.nn import bn_act
+from resnet_fast.ops import batch_norm_act, reference
+from tests.conftest import requires_extension
+
+pytestmark = requires_extension
+op = torch.ops.resnet_fast.batch_norm_act if resnet_fast.extension_available() else None
+
+# Per dtype: how far from the float64 formula an output may be, relative to eager PyTorch's own
+# error in that dtype (flash-attention's rule) plus a floor in units of the dtype's epsilon.
+EPS = {torch.float32: 1.2e-7, torch.bfloat16: 7.8e-3, torch.float64: 2.2e-16}
+
+
+def make(shape, dtype, layout, scale=3.0, offset=1.0):
+    x = torch.randn(shape, dtype=torch.float64) * scale + offset
+    if layout == "channels_last":
+        return x.to(dtype).contiguous(memory_format=torch.channels_last)
+    if layout == "noncontiguous":
+        n, c, h, w = shape
+        big = torch.zeros(n, c, h, 2 * w, dtype=dtype)
+        big[..., ::2] = x.to(dtype)
+        return big[..., ::2]
+    return x.to(dtype)
+
+
+def residual_for(kind, shape, dtype, layout):
+    n, c, h, w = shape
+    if kind is None:
+        return None, 1
+    if kind == "identity":
+        return make(shape, dtype, layout, 1.0, 0.0), 1
+    # option A: the block input, twice the size and up to half the channels
+    return make((n, max(1, c // 2), 2 * h - (h % 2), 2 * w), dtype, layout, 1.0, 0.0), 2
+
+
+def run(fn, x, w, b, rm, rv, training, r, relu, stride, grad):
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    r = None if r is None else r.detach().clone().requires_grad_(True)
+    rm, rv = rm.clone(), rv.clone()
+    if fn is None:  # the formula, with the residual padded explicitly
+        rr = None if r is None else reference.zero_pad_shortcut(r, x.shape[1], stride) if stride != 1 or r.shape[1] != x.shape[1] else r
+        y = reference.batch_norm_act(x, w, b, rm, rv, training, 0.1, 1e-5, rr, relu)
+    else:
+        y = fn(x, w, b, rm, rv, training, 0.1, 1e-5, r, relu, stride)
+    inputs = [x, w, b] + ([r] if r is not None else [])
+    grads = torch.autograd.grad(y, inputs, grad.to(y.dtype))
+    return [y.detach(), rm, rv, *grads]
+
+
+SHAPES = [(4, 16, 8, 8), (1, 3, 5, 7), (3, 17, 1, 1), (2, 64, 4, 4), (5, 8, 3, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+@pytest.mark.parametrize("residual", [None, "identity", "option_a"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_formula(shape, dtype, layout, residual, relu, training):
+    if training and shape[0] * shape[2] * shape[3] == 1:
+        pytest.skip("one value per channel: tested as an error")
+    c = shape[1]
+    x = make(shape, dtype, layout)
+    r, stride = residual_for(residual, shape, dtype, layout)
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).to(dtype)
+    b = torch.randn(c, dtype=torch.float64).to(dtype)
+    rm, rv = torch.randn(c, dtype=torch.float64).to(dtype), (torch.rand(c, dtype=torch.float64) + 0.5).to(dtype)
+    grad = torch.randn(shape, dtype=torch.float64)
+
+    exact = run(None, *(t.double() if t is not None else None for t in (x, w, b, rm, rv)), training,
+                None if r is None else r.double(), relu, stride, grad)
+    ours = run(batch_norm_act, x, w, b, rm, rv, training, r, relu, stride, grad)
+    eager = run(None, x, w, b, rm, rv, training, r, relu, stride, grad)
+    names = ["y", "running_mean", "running_var", "grad_x", "grad_weight", "grad_bias", "grad_residual"]
+    for name, o, e, ex in zip(names, ours, eager, exact):
+        assert o.dtype == e.dtype and o.shape == e.shape, name
+        err = (o.double() - ex).abs().max().item()
+        eager_err = (e.double() - ex).abs().max().item()
+        floor = 8 * EPS[dtype] * (ex.abs().max().item() + 1)
+        assert err <= 2 * eager_err + floor, (name, err, eager_err, floor)
+    if layout == "channels_last":
+        assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_running_statistics_follow_batchnorm_exactly_in_float64():
+    bn = torch.nn.BatchNorm2d(6, momentum=None).double()
+    ours = torch.nn.BatchNorm2d(6, momentum=None).double()
+    for step in range(3):
+        x = torch.randn(4, 6, 5, 5, dtype=torch.float64) * (step + 1)
+        torch.testing.assert_close(bn_act(x, ours, relu=False), bn(x), rtol=1e-12, atol=1e-12)
+    for k, v in bn.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-12, atol=1e-12)
+    assert int(ours.num_batches_tracked) == 3
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 2, 8, 5, dtype=torch.float64, requires_grad=True)
+    for training in (True, False):
+        rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        fn = lambda x, w, b, r: op(x, w, b, rm, rv, r, 2, training, 1e-5, True)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w, b, r))
+        fn = lambda x, w, b: op(x, w, b, rm, rv, None, 1, training, 1e-5, False)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(layout):
+    x = make((2, 4, 3, 3), torch.float32, layout).requires_grad_(True)
+    w, b = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    r = make((2, 2, 6, 5), torch.float32, layout).requires_grad_(True)
+    torch.library.opcheck(op, (x, w, b, None, None, r, 2, True, 1e-5, True))
+    torch.library.opcheck(op, (x, w, b, rm, rv, None, 1, False, 1e-5, False))
+    with torch.no_grad():
+        y, mean, var = op(x, w, b, None, None, None, 1, True, 1e-5, True)
+    torch.library.opcheck(
+        torch.ops.resnet_fast.batch_norm_act_backward,
+        (torch.randn_like(y), x.detach(), y, w.detach(), mean, var, True, 1e-5, True, True),
+    )
+
+
+def test_double_backward_is_refused_clearly():
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    bn = torch.nn.BatchNorm2d(4)
+    (g,) = torch.autograd.grad(bn_act(x, bn).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_one_value_per_channel_raises_like_pytorch():
+    x, bn = torch.randn(1, 4, 1, 1), torch.nn.BatchNorm2d(4)
+    with pytest.raises(ValueError) as theirs:
+        bn(x)
+    with pytest.raises(ValueError) as ours:
+        bn_act(x, bn)
+    assert str(ours.value) == str(theirs.value)
+    bn.eval()
+    torch.testing.assert_close(bn_act(x, bn), F.relu(bn(x)))  # eval mode is fine
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(x=torch.randn(2, 4, 3)), "expected a 4-D input"),
+        (dict(weight=torch.ones(3)), "expected weight and bias of 4 elements"),
+        (dict(residual=torch.randn(2, 4, 5, 5)), "does not fit an output"),
+        (dict(residual=torch.randn(2, 8, 3, 3)), "does not fit an output"),
+        (dict(residual=torch.randn(2, 4, 3, 3, dtype=torch.float64)), "must have the input's dtype"),
+        (dict(training=False), "eval mode needs running_mean"),
+    ],
+)
+def test_bad_input_is_refused_clearly(kwargs, message):
+    args = dict(x=torch.randn(2, 4, 3, 3), weight=torch.ones(4), bias=torch.zeros(4), running_mean=None,
+                running_var=None, residual=None, residual_stride=1, training=True, eps=1e-5, relu=True)
+    args.update(kwargs)
+    with pytest.raises(RuntimeError, match=message):
+        op(*args.values())
+
+
+def test_large_channel_and_batch_counts_are_accurate():
+    # Many values per channel, a large mean: the statistics must not cancel.
+    x = torch.randn(64, 8, 32, 32) * 0.01 + 100
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        y, mean, var = op(x.contiguous(memory_format=fmt), torch.ones(8), torch.zeros(8), None, None, None, 1, True, 0.0, False)
+        xd = x.double()
+        torch.testing.assert_close(mean.double(), xd.mean((0, 2, 3)), rtol=1e-7, atol=0)
+        torch.testing.assert_close(var.double(), xd.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
+
+
+def test_compiles_without_graph_break():
+    bn = torch.nn.BatchNorm2d(4)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    r = torch.randn(2, 2, 10, 10, requires_grad=True)
+    fn = torch.compile(lambda x, r: bn_act(x, bn, residual=r, residual_stride=2), fullgraph=True, backend="aot_eager")
+    y = fn(x, r)
+    y.sum().backward()
+    assert int(bn.num_batches_tracked) == 1
+    ref_bn = torch.nn.BatchNorm2d(4)
+    x2, r2 = x.detach().clone().requires_grad_(True), r.detach().clone().requires_grad_(True)
+    y2 = F.relu(ref_bn(x2) + reference.zero_pad_shortcut(r2, 4, 2))
+    y2.sum().backward()
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r.grad, r2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 4), c=st.integers(1, 20), h=st.integers(1, 9), w=st.integers(1, 9),
+    channels_last=st.booleans(), relu=st.booleans(), with_residual=st.booleans(), training=st.booleans(),
+)
+def test_random_shapes_match_float64(n, c, h, w, channels_last, relu, with_residual, training):
+    if training and n * h * w == 1:
+        return
+    layout = "channels_last" if channels_last else "contiguous"
+    x = make((n, c, h, w), torch.float32, layout)
+    r = make((n, c, h, w), torch.float32, layout, 1.0, 0.0) if with_residual else None
+    wt, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+    grad = torch.randn(n, c, h, w, dtype=torch.float64)
+    ours = run(batch_norm_act, x, wt, b, rm, rv, training, r, relu, 1, grad)
+    exact = run(None, x.double(), wt.double(), b.double(), rm.double(), rv.double(), training,
+                None if r is None else r.double(), relu, 1, grad)
+    for o, ex in zip(ours, exact):
+        # batch statistics over few values amplify rounding by up to 1/std of the batch.
+        torch.testing.assert_close(o.double(), ex, rtol=1e-3, atol=1e-3 * (ex.abs().max().item() + 1))
