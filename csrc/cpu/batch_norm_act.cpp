@@ -52,10 +52,11 @@ bool use_avx2() {
 #endif
 }
 
+// RF_ISA(fn<...>) is the AVX2 build of a kernel where the CPU has AVX2 and FMA, else the baseline.
 #ifdef RESNET_FAST_AVX2
-#define RF_CPU_KERNEL(name) (use_avx2() ? cpu_avx2::name<scalar_t, acc_t> : cpu_generic::name<scalar_t, acc_t>)
+#define RF_ISA(...) (use_avx2() ? cpu_avx2::__VA_ARGS__ : cpu_generic::__VA_ARGS__)
 #else
-#define RF_CPU_KERNEL(name) (cpu_generic::name<scalar_t, acc_t>)
+#define RF_ISA(...) (cpu_generic::__VA_ARGS__)
 #endif
 
 template <typename scalar_t>
@@ -96,9 +97,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
     acc_t* vp = var.mutable_data_ptr<acc_t>();
     if (training) {
       if (is_channels_last(fmt))
-        RF_CPU_KERNEL(stats_channels_last)(xp, N * H * W, C, mp, vp);
+        RF_ISA(stats_channels_last<scalar_t, acc_t>)(xp, N * H * W, C, mp, vp);
       else
-        RF_CPU_KERNEL(stats_nchw)(xp, N, C, H * W, mp, vp);
+        RF_ISA(stats_nchw<scalar_t, acc_t>)(xp, N, C, H * W, mp, vp);
     }
     const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
     std::vector<acc_t> scale(C), shift(C);
@@ -113,10 +114,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
       r = {t.const_data_ptr<scalar_t>(), t.size(1), t.stride(0), t.stride(1), t.stride(2), t.stride(3), residual_stride};
     }
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    if (is_channels_last(fmt))
-      RF_CPU_KERNEL(apply_channels_last)(xp, yp, N, C, H, W, scale.data(), shift.data(), r, relu);
-    else
-      RF_CPU_KERNEL(apply_nchw)(xp, yp, N, C, H, W, scale.data(), shift.data(), r, relu);
+    const acc_t* sc = scale.data();
+    const acc_t* sh = shift.data();
+    if (is_channels_last(fmt)) {
+      if (relu)
+        RF_ISA(apply_channels_last<true, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
+      else
+        RF_ISA(apply_channels_last<false, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
+    } else {
+      if (relu)
+        RF_ISA(apply_nchw<true, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
+      else
+        RF_ISA(apply_nchw<false, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
+    }
   });
   return {y, mean, var};
 }
@@ -153,11 +163,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
       scalar_t* dzp = residual_grad ? dz.mutable_data_ptr<scalar_t>() : nullptr;
       std::vector<double> sum_dz(C), sum_dzxmu(C);
       const bool cl = is_channels_last(fmt);
-      if (cl)
-        RF_CPU_KERNEL(grad_sums_channels_last)(dyp, yp, xp, mp, N * H * W, C, relu, dzp, sum_dz.data(), sum_dzxmu.data());
-      else
-        RF_CPU_KERNEL(grad_sums_nchw)(dyp, yp, xp, mp, N, C, H * W, relu, dzp, sum_dz.data(), sum_dzxmu.data());
-      const double M = static_cast<double>(N * H * W);
+      const int64_t M = N * H * W;
+      double* sdz = sum_dz.data();
+      double* sdx = sum_dzxmu.data();
+      if (cl) {
+        if (relu)
+          RF_ISA(grad_sums_channels_last<true, scalar_t, acc_t>)(dyp, yp, xp, mp, M, C, dzp, sdz, sdx);
+        else
+          RF_ISA(grad_sums_channels_last<false, scalar_t, acc_t>)(dyp, yp, xp, mp, M, C, dzp, sdz, sdx);
+      } else {
+        if (relu)
+          RF_ISA(grad_sums_nchw<true, scalar_t, acc_t>)(dyp, yp, xp, mp, N, C, H * W, dzp, sdz, sdx);
+        else
+          RF_ISA(grad_sums_nchw<false, scalar_t, acc_t>)(dyp, yp, xp, mp, N, C, H * W, dzp, sdz, sdx);
+      }
       std::vector<acc_t> mean_dz(C, acc_t(0)), k(C, acc_t(0)), scale(C);
       acc_t* gw = grad_weight.mutable_data_ptr<acc_t>();
       acc_t* gb = grad_bias.mutable_data_ptr<acc_t>();
@@ -165,19 +184,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
         const double invstd = 1.0 / std::sqrt(static_cast<double>(v.const_data_ptr<acc_t>()[c]) + eps);
         scale[c] = static_cast<acc_t>(invstd * w.const_data_ptr<acc_t>()[c]);
         if (training) {
-          mean_dz[c] = static_cast<acc_t>(sum_dz[c] / M);
-          k[c] = static_cast<acc_t>(sum_dzxmu[c] / M * invstd * invstd);
+          mean_dz[c] = static_cast<acc_t>(sum_dz[c] / static_cast<double>(M));
+          k[c] = static_cast<acc_t>(sum_dzxmu[c] / static_cast<double>(M) * invstd * invstd);
         }
         gw[c] = static_cast<acc_t>(sum_dzxmu[c] * invstd);
         gb[c] = static_cast<acc_t>(sum_dz[c]);
       }
       scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-      if (cl)
-        RF_CPU_KERNEL(grad_input_channels_last)(dzp, dyp, yp, xp, mp, mean_dz.data(), k.data(), scale.data(), N * H * W, C,
-                                                relu, dxp);
-      else
-        RF_CPU_KERNEL(grad_input_nchw)(dzp, dyp, yp, xp, mp, mean_dz.data(), k.data(), scale.data(), N, C, H * W, relu,
-                                       dxp);
+      // With dz written by pass 1, pass 2 reads it in place of dy and y.
+      const scalar_t* g = dzp != nullptr ? dzp : dyp;
+      const bool mask = relu && dzp == nullptr;
+      const acc_t *md = mean_dz.data(), *kk = k.data(), *sc = scale.data();
+      if (cl) {
+        if (mask)
+          RF_ISA(grad_input_channels_last<true, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, M, C, dxp);
+        else
+          RF_ISA(grad_input_channels_last<false, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, M, C, dxp);
+      } else {
+        if (mask)
+          RF_ISA(grad_input_nchw<true, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, N, C, H * W, dxp);
+        else
+          RF_ISA(grad_input_nchw<false, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, N, C, H * W, dxp);
+      }
     });
   }
   return {dx, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()), dz};

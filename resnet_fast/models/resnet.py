@@ -23,7 +23,7 @@ from torchvision.models._utils import _ovewrite_named_param
 
 from ..nn.blocks import SHORTCUTS, BasicBlock, Bottleneck, make_shortcut
 from ..nn.functional import bn_act
-from ._common import check_input, he_init, load_into, resolve_weights, zero_init_last_bn
+from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
 
 __all__ = [
     "ResNet",
@@ -117,6 +117,7 @@ class ResNet(nn.Module):
         he_init(self)
         if zero_init_residual:
             zero_init_last_bn(self)
+        choose_layout(self)
 
     def _make_layer(
         self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1, dilate: bool = False
@@ -166,6 +167,7 @@ class ResNet(nn.Module):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
+        x = to_internal_layout(x)
         x = bn_act(self.conv1(x), self.bn1)
         x = self.maxpool(x)
 

@@ -63,6 +63,10 @@ def check_against_torchvision(ours, tv, x, backend):
     for k, v in exact.items():
         atol = 1e-8 * float(v.abs().max()) if v.is_floating_point() else 0
         torch.testing.assert_close(got64[k], v, rtol=1e-7, atol=atol, msg=lambda m: f"float64 {k}: {m}")
+    # The fused path convolves in channels_last, whose oneDNN kernels round differently from
+    # NCHW's: torchvision's error is taken in both layouts.
+    tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
+    tv_cl_run = _groups(run_step(tv_cl, x.contiguous(memory_format=torch.channels_last)))
     got, tv32, exact = _groups(run_step(ours, x)), _groups(run_step(tv, x)), _groups(exact)
     for k, v in exact.items():
         if ours.training and k in ("input", "grad"):
@@ -70,7 +74,8 @@ def check_against_torchvision(ours, tv, x, backend):
             # torchvision's own input gradient is off by percents. float64 above checks it, and
             # tests/ops checks the float32 gradients of each op.
             continue
-        err, tv_err = (got[k] - v).norm().item(), (tv32[k] - v).norm().item()
+        err = (got[k] - v).norm().item()
+        tv_err = max((tv32[k] - v).norm().item(), (tv_cl_run[k] - v).norm().item())
         assert err <= 2 * tv_err + 1e-6 * v.norm().item(), (k, err, tv_err)
 
 
