@@ -1,5 +1,9 @@
-"""Whole models: resnet_fast against eager PyTorch (torchvision, NCHW and channels_last)."""
+"""Whole models: resnet_fast against eager PyTorch (NCHW and channels_last) and torch.compile,
+with the same weights, measured interleaved in one process (see conftest.compare)."""
 
+import time
+
+import pytest
 import torch
 import torchvision
 
@@ -7,34 +11,15 @@ import resnet_fast
 from conftest import compare
 
 
-def test_resnet50_inference_batch8(benchmark):
-    tv = torchvision.models.resnet50().eval()
-    ours = resnet_fast.ResNet50().eval()
-    ours.load_state_dict(tv.state_dict())
-    tv_cl = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
-    tv_cl.load_state_dict(tv.state_dict())
-    x = torch.randn(8, 3, 224, 224)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
+def inference(model, x):
+    def f():
+        with torch.inference_mode():
+            return model(x)
 
-    def run(model, inp):
-        def f():
-            with torch.inference_mode():
-                return model(inp)
-
-        return f
-
-    compare(
-        benchmark,
-        "ResNet-50 inference, batch 8, fp32",
-        8,
-        run(ours, x),
-        {"eager NCHW": run(tv, x), "eager channels_last": run(tv_cl, x_cl)},
-        pairs=3,
-        rounds=2,
-    )
+    return f
 
 
-def _train_step(model, x, y):
+def train_step(model, x, y):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def f():
@@ -46,26 +31,95 @@ def _train_step(model, x, y):
     return f
 
 
-def test_resnet20_training_batch128(benchmark):
-    x = torch.randn(128, 3, 32, 32)
-    y = torch.randint(0, 10, (128,))
-    ours = resnet_fast.resnet20()
-    eager = resnet_fast.resnet20()
-    eager_cl = resnet_fast.resnet20().to(memory_format=torch.channels_last)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    ours_step, eager_step, eager_cl_step = _train_step(ours, x, y), _train_step(eager, x, y), _train_step(eager_cl, x_cl, y)
+def under_eager(fn):
+    """The baselines run resnet_fast's or torchvision's nn modules through PyTorch's own ops."""
 
-    def with_eager(step):
-        def f():
-            with resnet_fast.use_backend("eager"):
-                step()
+    def f():
+        with resnet_fast.use_backend("eager"):
+            return fn()
 
-        return f
+    return f
 
+
+def compiled(fn, benchmark, label):
+    """Compiles on the first call and records how long that took."""
+    t0 = time.perf_counter()
+    fn()
+    benchmark.extra_info[f"{label} compile s"] = round(time.perf_counter() - t0, 1)
+    return fn
+
+
+def cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def test_resnet50_inference_batch8(benchmark):
+    tv = torchvision.models.resnet50().eval()
+    ours = resnet_fast.ResNet50().eval()
+    ours.load_state_dict(tv.state_dict())
+    tv_cl = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
+    tv_cl.load_state_dict(tv.state_dict())
+    x = torch.randn(8, 3, 224, 224)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(freezing=True):
+        tv_compiled = torch.compile(tv_cl)
+        compiled_fn = compiled(inference(tv_compiled, cl(x)), benchmark, "torch.compile")
     compare(
         benchmark,
-        "CIFAR ResNet-20 training step, batch 128",
+        "ResNet-50 inference, batch 8, fp32, NCHW input",
+        8,
+        inference(ours, x),
+        {
+            "eager NCHW": inference(tv, x),
+            "eager channels_last": inference(tv_cl, cl(x)),
+            "torch.compile (freezing, channels_last)": compiled_fn,
+        },
+        pairs=3,
+        rounds=2,
+    )
+
+
+@pytest.mark.parametrize("depth", [20])
+def test_cifar_resnet_training_batch128(benchmark, depth):
+    x = torch.randn(128, 3, 32, 32)
+    y = torch.randint(0, 10, (128,))
+    with resnet_fast.use_backend("eager"):  # NCHW weights: PyTorch's own modules and layouts
+        eager = resnet_fast.get_model(f"resnet{depth}")
+        eager_cl = resnet_fast.get_model(f"resnet{depth}").to(memory_format=torch.channels_last)
+        to_compile = resnet_fast.get_model(f"resnet{depth}").to(memory_format=torch.channels_last)
+    ours = resnet_fast.get_model(f"resnet{depth}")
+    for m in (eager_cl, to_compile, ours):
+        m.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    with resnet_fast.use_backend("eager"):
+        compiled_step = compiled(under_eager(train_step(torch.compile(to_compile), cl(x), y)), benchmark, "torch.compile")
+    compare(
+        benchmark,
+        f"CIFAR ResNet-{depth} training step, batch 128",
         128,
-        ours_step,
-        {"eager NCHW": with_eager(eager_step), "eager channels_last": with_eager(eager_cl_step)},
+        train_step(ours, x, y),
+        {
+            "eager NCHW": under_eager(train_step(eager, x, y)),
+            "eager channels_last": under_eager(train_step(eager_cl, cl(x), y)),
+            "torch.compile (channels_last)": compiled_step,
+        },
+    )
+
+
+def test_resnet50_training_batch16(benchmark):
+    x = torch.randn(16, 3, 224, 224)
+    y = torch.randint(0, 1000, (16,))
+    tv = torchvision.models.resnet50()
+    tv_cl = torchvision.models.resnet50().to(memory_format=torch.channels_last)
+    tv_cl.load_state_dict(tv.state_dict())
+    ours = resnet_fast.ResNet50()
+    ours.load_state_dict(tv.state_dict())
+    compare(
+        benchmark,
+        "ResNet-50 training step, batch 16, fp32",
+        16,
+        train_step(ours, x, y),
+        {"eager NCHW": train_step(tv, x, y), "eager channels_last": train_step(tv_cl, cl(x), y)},
+        pairs=2,
+        rounds=1,
     )

@@ -1,9 +1,12 @@
 """Each fused op, forward + backward, against the eager ops it replaces (its formula)."""
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 import resnet_fast
 from conftest import compare
+from resnet_fast.nn import bn_act
 from resnet_fast.ops import reference
 
 
@@ -28,3 +31,40 @@ def test_zero_pad_shortcut_fwd_bwd(benchmark):
         pairs=20,
         rounds=20,
     )
+
+
+# (shape, residual): ResNet-20's stages at batch 128 and ResNet-50's at batch 16.
+CASES = [
+    ((128, 16, 32, 32), None),
+    ((128, 16, 32, 32), "identity"),
+    ((128, 64, 8, 8), "option_a"),
+    ((16, 256, 56, 56), "identity"),
+    ((16, 512, 28, 28), None),
+]
+
+
+@pytest.mark.parametrize("shape, residual", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_batch_norm_act_fwd_bwd(benchmark, shape, residual, layout):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(True)
+    n, c, h, w = shape
+    r, stride = None, 1
+    if residual == "identity":
+        r = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(True)
+    elif residual == "option_a":
+        r, stride = torch.randn(n, c // 2, 2 * h, 2 * w).contiguous(memory_format=fmt).requires_grad_(True), 2
+    grad = torch.randn(shape).contiguous(memory_format=fmt)
+    bn = torch.nn.BatchNorm2d(c)
+
+    def ours():
+        bn_act(x, bn, residual=r, residual_stride=stride).backward(grad)
+
+    def eager():  # what torchvision's block runs: BN, the (padded) shortcut added, ReLU
+        y = bn(x)
+        if r is not None:
+            y = y + (reference.zero_pad_shortcut(r, c, stride) if stride != 1 else r)
+        F.relu(y).backward(grad)
+
+    compare(benchmark, f"batch_norm_act fwd+bwd {shape} {residual or ''} {layout}", x.numel(), ours, {"eager": eager},
+            pairs=10, rounds=10)

@@ -22,7 +22,7 @@ from torchvision.models._api import WeightsEnum
 from torchvision.models._utils import _ovewrite_named_param
 
 from ..nn.blocks import SHORTCUTS, BasicBlock, Bottleneck, make_shortcut
-from ..nn.functional import bn_act
+from ..nn.functional import conv_bn_act
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
 
 __all__ = [
@@ -168,7 +168,7 @@ class ResNet(nn.Module):
     def _forward_impl(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
         x = to_internal_layout(x)
-        x = bn_act(self.conv1(x), self.bn1)
+        x = conv_bn_act(x, self.conv1, self.bn1)
         x = self.maxpool(x)
 
         x = self.layer1(x)

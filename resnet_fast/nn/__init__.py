@@ -1,7 +1,7 @@
 """Fused modules: the blocks of the paper's networks and the functional entry points."""
 
 from .blocks import SHORTCUTS, BasicBlock, Bottleneck, ZeroPadShortcut, conv1x1, conv3x3, make_shortcut
-from .functional import bn_act
+from .functional import bn_act, conv_bn_act
 
 __all__ = [
     "SHORTCUTS",
@@ -9,6 +9,7 @@ __all__ = [
     "Bottleneck",
     "ZeroPadShortcut",
     "bn_act",
+    "conv_bn_act",
     "conv1x1",
     "conv3x3",
     "make_shortcut",

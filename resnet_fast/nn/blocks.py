@@ -8,7 +8,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from .. import ops
-from .functional import bn_act
+from .functional import conv_bn_act
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -51,8 +51,12 @@ def shortcut_of(downsample: nn.Module | None, x: Tensor) -> tuple[Tensor, int]:
     not run: the fused kernel reads the block input in place, subsampled and zero-padded."""
     if downsample is None:
         return x, 1
-    if type(downsample) is ZeroPadShortcut and not (downsample._forward_hooks or downsample._forward_pre_hooks):
+    if downsample._forward_hooks or downsample._forward_pre_hooks:
+        return downsample(x), 1
+    if type(downsample) is ZeroPadShortcut:
         return x, downsample.stride
+    if type(downsample) is nn.Sequential and len(downsample) == 2:  # a projection: conv, then BN
+        return conv_bn_act(x, downsample[0], downsample[1], relu=False), 1
     return downsample(x), 1
 
 
@@ -93,12 +97,11 @@ class BasicBlock(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
-        out = bn_act(self.conv1(x), self.bn1)
-        out = self.conv2(out)
+        out = conv_bn_act(x, self.conv1, self.bn1)
         if not self.residual:
-            return bn_act(out, self.bn2)
+            return conv_bn_act(out, self.conv2, self.bn2)
         identity, stride = shortcut_of(self.downsample, x)
-        return bn_act(out, self.bn2, residual=identity, residual_stride=stride)
+        return conv_bn_act(out, self.conv2, self.bn2, residual=identity, residual_stride=stride)
 
 
 class Bottleneck(nn.Module):
@@ -142,13 +145,12 @@ class Bottleneck(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
-        out = bn_act(self.conv1(x), self.bn1)
-        out = bn_act(self.conv2(out), self.bn2)
-        out = self.conv3(out)
+        out = conv_bn_act(x, self.conv1, self.bn1)
+        out = conv_bn_act(out, self.conv2, self.bn2)
         if not self.residual:
-            return bn_act(out, self.bn3)
+            return conv_bn_act(out, self.conv3, self.bn3)
         identity, stride = shortcut_of(self.downsample, x)
-        return bn_act(out, self.bn3, residual=identity, residual_stride=stride)
+        return conv_bn_act(out, self.conv3, self.bn3, residual=identity, residual_stride=stride)
 
 
 SHORTCUTS = ("A", "B", "C")

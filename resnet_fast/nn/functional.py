@@ -3,10 +3,13 @@ models keep torchvision's module tree and state_dict while running fused code.""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+
+from .. import _backend, ops
 
 
 def _runs_own_forward(bn: nn.Module) -> bool:
@@ -52,4 +55,81 @@ def bn_act(
         residual,
         relu,
         residual_stride,
+    )
+
+
+# -- inference: BatchNorm folded into the convolution ----------------------------------------
+
+# conv module -> (key, folded weight (prepacked for oneDNN), folded bias). Weakly keyed, so the
+# cache lives exactly as long as the model and never travels with it (pickle, deepcopy).
+_FOLDED: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _foldable(x: Tensor, conv: nn.Module, bn: nn.Module) -> bool:
+    """Inference with nothing to differentiate, on the fused CPU path, with plain modules."""
+    return (
+        not bn.training
+        and not torch.compiler.is_compiling()
+        and type(conv) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
+        and bn.running_mean is not None
+        and bn.weight is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or bn.weight.requires_grad))
+        and not (conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks or bn._forward_pre_hooks)
+        and _backend.resolve("batch_norm_act", x.device) == "cpu"
+    )
+
+
+def _folded_weights(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if conv.bias is not None:
+        tensors.append(conv.bias)
+    # Any change to a parameter or statistic (optimiser step, load_state_dict, .to()) bumps its
+    # version or moves its storage, and so invalidates the cache.
+    key = (id(bn), bn.eps, tuple(x.shape), tuple((t._version, t.data_ptr()) for t in tensors))
+    hit = _FOLDED.get(conv)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    with torch.no_grad():
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        bias = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        weight = (conv.weight * scale.reshape(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+        weight = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape)
+        )
+    _FOLDED[conv] = (key, weight, bias)
+    return weight, bias
+
+
+def conv_bn_act(
+    x: Tensor,
+    conv: nn.Module,
+    bn: nn.Module,
+    residual: Tensor | None = None,
+    relu: bool = True,
+    residual_stride: int = 1,
+) -> Tensor:
+    """``relu(bn(conv(x)) + residual)``. In inference (eval mode, nothing requiring a gradient) on
+    the CPU kernels' path, BatchNorm is folded into the convolution's weights once (cached) and the
+    residual add and ReLU run as oneDNN post-ops of the convolution; otherwise the convolution
+    runs as is and :func:`bn_act` fuses the rest."""
+    if not _foldable(x, conv, bn):
+        return bn_act(conv(x), bn, residual, relu, residual_stride)
+    weight, bias = _folded_weights(x, conv, bn)
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [None], "")
+    if residual_stride != 1 or residual.shape[1] != conv.out_channels:
+        residual = ops.zero_pad_shortcut(residual, conv.out_channels, residual_stride)
+    residual = residual.contiguous(memory_format=torch.channels_last)
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual, weight, bias, *args, "add", None, "relu" if relu else None, [], ""
     )

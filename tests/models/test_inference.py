@@ -1,0 +1,78 @@
+"""Inference with BatchNorm folded into the convolutions (oneDNN post-ops for residual + ReLU)."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torchvision
+
+import resnet_fast
+from resnet_fast.nn import functional as rf_functional
+from tests.conftest import requires_extension
+
+pytestmark = requires_extension
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: resnet_fast.resnet50(),
+        lambda: resnet_fast.resnet18(shortcut="A"),
+        lambda: resnet_fast.resnet34(shortcut="C"),
+        lambda: resnet_fast.resnet20(),
+        lambda: resnet_fast.resnet50(stride_in_1x1=True, replace_stride_with_dilation=[False, False, True]),
+    ],
+)
+def test_folded_inference_matches_eager(build):
+    model = build()
+    for m in model.modules():  # non-trivial statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    size = 32 if isinstance(model, resnet_fast.CifarResNet) else 96
+    x = torch.randn(3, 3, size, size)
+    with torch.inference_mode():
+        with resnet_fast.use_backend("eager"):
+            expected = model(x)
+        rf_functional._FOLDED.clear()
+        got = model(x)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c in rf_functional._FOLDED for c in convs), "every convolution should have run folded"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_folded_weights_follow_parameter_changes():
+    tv = torchvision.models.resnet18().eval()
+    model = resnet_fast.resnet18().eval()
+    model.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        model.layer1[0].bn1.running_var.mul_(4.0)  # in place: the cache must notice
+        tv.layer1[0].bn1.running_var.mul_(4.0)
+        torch.testing.assert_close(model(x), tv(x), rtol=1e-4, atol=1e-4)
+        other = torchvision.models.resnet18().eval()
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(x), other(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(torch.randn(5, 3, 64, 64))[:0], torch.empty(0, 1000))  # another batch size
+
+
+def test_eval_with_gradients_stays_differentiable():
+    model = resnet_fast.resnet20().eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = model(x)
+    out.sum().backward()
+    assert x.grad is not None and model.conv1.weight.grad is not None
+
+
+def test_pickle_and_deepcopy_after_folding():
+    model = resnet_fast.resnet20().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(model))(x), expected)
+        torch.testing.assert_close(copy.deepcopy(model)(x), expected)
