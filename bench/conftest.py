@@ -15,6 +15,7 @@ import pytest
 import torch
 
 RESULTS: list[dict] = []
+RESULTS_MEMORY: list[tuple[str, dict]] = []  # (workload, {configuration: peak MiB})
 
 
 def machine() -> str:
@@ -58,9 +59,13 @@ def compare(benchmark, name: str, items: int, candidate, baselines: dict, pairs:
 
 
 def pytest_terminal_summary(terminalreporter):
+    tr = terminalreporter
+    if RESULTS_MEMORY:
+        tr.section("resnet_fast: peak memory growth of 3 training steps (MiB, fresh process each)")
+        for name, peaks in RESULTS_MEMORY:
+            tr.write_line(f"{name:<44} " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     if not RESULTS:
         return
-    tr = terminalreporter
     tr.section("resnet_fast: speed-up over each baseline (median of interleaved pairs)")
     tr.write_line(f"machine: {machine()}")
     tr.write_line(f"{'workload':<44} {'resnet_fast /s':>14}  speed-up vs baseline")

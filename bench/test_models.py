@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import resnet_fast
-from conftest import compare
+from conftest import RESULTS_MEMORY, compare
 
 
 def inference(model, x):
@@ -123,3 +123,23 @@ def test_resnet50_training_batch16(benchmark):
         pairs=2,
         rounds=1,
     )
+
+
+@pytest.mark.parametrize("arch, batch", [("resnet20", 128), ("resnet50", 16)])
+def test_training_peak_memory(benchmark, arch, batch):
+    """Peak memory of a training step: resnet_fast must need no more than eager PyTorch."""
+    import subprocess
+    import sys
+
+    script = __file__.replace("test_models.py", "memory.py")
+
+    def peak(mode):
+        out = subprocess.run([sys.executable, script, mode, arch, str(batch)], capture_output=True, text=True, check=True)
+        return float(out.stdout.strip())
+
+    results = benchmark.pedantic(
+        lambda: {m: peak(m) for m in ("resnet_fast", "eager_nchw", "eager_channels_last")}, rounds=1, iterations=1
+    )
+    benchmark.extra_info.update({f"peak MiB {k}": v for k, v in results.items()})
+    RESULTS_MEMORY.append((f"{arch} training step, batch {batch}", results))
+    assert results["resnet_fast"] <= 1.05 * min(results["eager_nchw"], results["eager_channels_last"]) + 16, results
