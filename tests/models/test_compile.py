@@ -45,3 +45,26 @@ def test_optimizer_steps_match_the_eager_backend():
     fused, eager = models["auto"].state_dict(), models["eager"].state_dict()
     for k, v in eager.items():
         torch.testing.assert_close(fused[k], v, rtol=1e-9, atol=1e-11, msg=lambda m: f"{k}: {m}")
+
+
+def test_bfloat16_training_step_tracks_the_eager_backend():
+    # bfloat16 end to end (oneDNN convolutions, fused BatchNorm in bfloat16 with float sums):
+    # against float64, the fused path may be at most twice as far off as PyTorch's own bfloat16.
+    torch.manual_seed(0)
+    base = resnet_fast.resnet20()
+    x = torch.randn(8, 3, 32, 32)
+
+    def run(backend, dtype):
+        resnet_fast.set_backend(backend)
+        model = resnet_fast.resnet20().to(dtype)
+        model.load_state_dict(base.state_dict())
+        xx = x.to(dtype).requires_grad_(True)
+        out = model(xx)
+        out.float().square().sum().backward()
+        return out.double(), xx.grad.double(), model.conv1.weight.grad.double()
+
+    exact = run("eager", torch.float64)
+    fused, eager = run("auto", torch.bfloat16), run("eager", torch.bfloat16)
+    for name, f, e, ex in zip(("output", "input grad", "conv1 grad"), fused, eager, exact):
+        err, eager_err = (f - ex).norm().item(), (e - ex).norm().item()
+        assert err <= 2 * eager_err + 1e-3 * ex.norm().item(), (name, err, eager_err)
