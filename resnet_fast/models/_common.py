@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 from torchvision.models._api import WeightsEnum
 
 from .. import _backend
@@ -15,7 +16,10 @@ from ..nn.blocks import BasicBlock, Bottleneck
 
 
 def check_input(model: nn.Module, x: Tensor, in_channels: int, downsamplings: int) -> None:
-    """Raises ValueError with what was expected when ``x`` cannot go through ``model``."""
+    """Raises ValueError with what was expected when ``x`` cannot go through ``model``.
+    (Nothing to check on the symbolic tensors of torch.fx tracing.)"""
+    if is_fx_tracing():
+        return
     name = type(model).__name__
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expects a torch.Tensor of shape (N, {in_channels}, H, W), got {type(x).__name__}")
@@ -60,7 +64,7 @@ def to_internal_layout(x: Tensor) -> Tensor:
     """The layout the network runs in. The fused kernels are fastest on channels_last (oneDNN's
     convolutions too), so the stem switches to it whenever they run; the logits that come out are
     the same 2-D tensor either way, so the caller never sees the difference."""
-    if _backend.resolve("batch_norm_act", x.device) != "eager":
+    if not is_fx_tracing() and _backend.resolve("batch_norm_act", x.device) != "eager":
         return x.contiguous(memory_format=torch.channels_last)
     return x
 

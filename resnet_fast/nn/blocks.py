@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 
 from .. import ops
 from .functional import conv_bn_act
@@ -36,6 +38,9 @@ class ZeroPadShortcut(nn.Module):
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_fx_tracing():  # the formula, in ops that torch.fx records
+            s = self.stride
+            return F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ZeroPadShortcut: expected an input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
@@ -51,7 +56,7 @@ def shortcut_of(downsample: nn.Module | None, x: Tensor) -> tuple[Tensor, int]:
     not run: the fused kernel reads the block input in place, subsampled and zero-padded."""
     if downsample is None:
         return x, 1
-    if downsample._forward_hooks or downsample._forward_pre_hooks:
+    if downsample._forward_hooks or downsample._forward_pre_hooks or is_fx_tracing():
         return downsample(x), 1
     if type(downsample) is ZeroPadShortcut:
         return x, downsample.stride

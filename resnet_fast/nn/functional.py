@@ -7,6 +7,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 
 
 from .. import _backend, ops
@@ -14,8 +15,10 @@ from .. import _backend, ops
 
 def _runs_own_forward(bn: nn.Module) -> bool:
     # A norm layer that is not exactly nn.BatchNorm2d (a user's norm_layer, a subclass with
-    # its own forward, SyncBatchNorm), or one with hooks, runs its own forward unfused.
-    return type(bn) is not nn.BatchNorm2d or bool(bn._forward_hooks or bn._forward_pre_hooks)
+    # its own forward, SyncBatchNorm), or one with hooks, runs its own forward unfused. So does
+    # every layer under torch.fx symbolic tracing (torchvision's create_feature_extractor), which
+    # then records torchvision's own graph of module calls.
+    return type(bn) is not nn.BatchNorm2d or bool(bn._forward_hooks or bn._forward_pre_hooks) or is_fx_tracing()
 
 
 def bn_act(
@@ -28,7 +31,8 @@ def bn_act(
     A residual with fewer channels than ``x`` or a ``residual_stride`` > 1 is the option-A
     shortcut: subsampled and zero-padded, read in place by the fused kernel."""
     if _runs_own_forward(bn):
-        if residual is not None and (residual_stride != 1 or residual.shape[1] != x.shape[1]):
+        # (Under torch.fx tracing the shortcut module has already produced the full residual.)
+        if residual is not None and not is_fx_tracing() and (residual_stride != 1 or residual.shape[1] != x.shape[1]):
             residual = ops.zero_pad_shortcut(residual, x.shape[1], residual_stride)
         y = bn(x)
         if residual is not None:
@@ -121,7 +125,7 @@ def conv_bn_act(
     the CPU kernels' path, BatchNorm is folded into the convolution's weights once (cached) and the
     residual add and ReLU run as oneDNN post-ops of the convolution; otherwise the convolution
     runs as is and :func:`bn_act` fuses the rest."""
-    if not _foldable(x, conv, bn):
+    if is_fx_tracing() or not _foldable(x, conv, bn):
         return bn_act(conv(x), bn, residual, relu, residual_stride)
     weight, bias = _folded_weights(x, conv, bn)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)

@@ -276,3 +276,23 @@ def test_forward_hooks_on_batchnorm_still_fire():
     model.layer1[0].bn2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     model(torch.randn(2, 3, 64, 64))
     assert seen == [torch.Size([2, 64, 16, 16])]
+
+
+def test_torchvision_feature_extraction_traces_the_model():
+    # torchvision.models.feature_extraction traces with torch.fx: the model then records
+    # torchvision's graph of module calls, and the features equal torchvision's.
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    tv = torchvision.models.resnet50().eval()
+    ours = resnet_fast.resnet50().eval()
+    ours.load_state_dict(tv.state_dict())
+    nodes = {"layer2": "c3", "layer4": "c5", "fc": "logits"}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = create_feature_extractor(ours, nodes)(x)
+        want = create_feature_extractor(tv, nodes)(x)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
+        cifar = resnet_fast.resnet20().eval()  # the option-A shortcut traces too
+        xc = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(create_feature_extractor(cifar, {"fc": "o"})(xc)["o"], cifar(xc), rtol=1e-4, atol=1e-4)
