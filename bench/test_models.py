@@ -112,14 +112,22 @@ def test_resnet50_training_batch16(benchmark):
     tv = torchvision.models.resnet50()
     tv_cl = torchvision.models.resnet50().to(memory_format=torch.channels_last)
     tv_cl.load_state_dict(tv.state_dict())
+    tv_compiled = torchvision.models.resnet50().to(memory_format=torch.channels_last)
+    tv_compiled.load_state_dict(tv.state_dict())
     ours = resnet_fast.ResNet50()
     ours.load_state_dict(tv.state_dict())
+    torch._dynamo.reset()
+    compiled_step = compiled(train_step(torch.compile(tv_compiled), cl(x), y), benchmark, "torch.compile")
     compare(
         benchmark,
         "ResNet-50 training step, batch 16, fp32",
         16,
         train_step(ours, x, y),
-        {"eager NCHW": train_step(tv, x, y), "eager channels_last": train_step(tv_cl, cl(x), y)},
+        {
+            "eager NCHW": train_step(tv, x, y),
+            "eager channels_last": train_step(tv_cl, cl(x), y),
+            "torch.compile (channels_last)": compiled_step,
+        },
         pairs=2,
         rounds=1,
     )
