@@ -129,10 +129,10 @@ def extensions():
     ], cpp_extension.BuildExtension
 
 
-ext_modules, build_ext = extensions()
-
-setup(
-    ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
-    options={"bdist_wheel": {"py_limited_api": "cp311"}},
-)
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import its helpers
+    ext_modules, build_ext = extensions()
+    setup(
+        ext_modules=ext_modules,
+        cmdclass={"build_ext": build_ext},
+        options={"bdist_wheel": {"py_limited_api": "cp311"}},
+    )
