@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 
-
 from .. import _backend, ops
 
 
