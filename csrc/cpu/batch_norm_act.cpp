@@ -59,6 +59,15 @@ bool use_avx2() {
 #define RF_ISA(...) (cpu_generic::__VA_ARGS__)
 #endif
 
+// Calls f(std::integral_constant<bool, flag>) so that a run-time flag picks a template instance.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
@@ -116,17 +125,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const acc_t* sc = scale.data();
     const acc_t* sh = shift.data();
-    if (is_channels_last(fmt)) {
-      if (relu)
-        RF_ISA(apply_channels_last<true, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
+    with_flag(relu, [&](auto kRelu) {
+      if (is_channels_last(fmt))
+        RF_ISA(apply_channels_last<kRelu, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
       else
-        RF_ISA(apply_channels_last<false, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
-    } else {
-      if (relu)
-        RF_ISA(apply_nchw<true, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
-      else
-        RF_ISA(apply_nchw<false, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
-    }
+        RF_ISA(apply_nchw<kRelu, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
+    });
   });
   return {y, mean, var};
 }
@@ -166,17 +170,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
       const int64_t M = N * H * W;
       double* sdz = sum_dz.data();
       double* sdx = sum_dzxmu.data();
-      if (cl) {
-        if (relu)
-          RF_ISA(grad_sums_channels_last<true, scalar_t, acc_t>)(dyp, yp, xp, mp, M, C, dzp, sdz, sdx);
+      with_flag(relu, [&](auto kRelu) {
+        if (cl)
+          RF_ISA(grad_sums_channels_last<kRelu, scalar_t, acc_t>)(dyp, yp, xp, mp, M, C, dzp, sdz, sdx);
         else
-          RF_ISA(grad_sums_channels_last<false, scalar_t, acc_t>)(dyp, yp, xp, mp, M, C, dzp, sdz, sdx);
-      } else {
-        if (relu)
-          RF_ISA(grad_sums_nchw<true, scalar_t, acc_t>)(dyp, yp, xp, mp, N, C, H * W, dzp, sdz, sdx);
-        else
-          RF_ISA(grad_sums_nchw<false, scalar_t, acc_t>)(dyp, yp, xp, mp, N, C, H * W, dzp, sdz, sdx);
-      }
+          RF_ISA(grad_sums_nchw<kRelu, scalar_t, acc_t>)(dyp, yp, xp, mp, N, C, H * W, dzp, sdz, sdx);
+      });
       std::vector<acc_t> mean_dz(C, acc_t(0)), k(C, acc_t(0)), scale(C);
       acc_t* gw = grad_weight.mutable_data_ptr<acc_t>();
       acc_t* gb = grad_bias.mutable_data_ptr<acc_t>();
@@ -195,17 +194,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
       const scalar_t* g = dzp != nullptr ? dzp : dyp;
       const bool mask = relu && dzp == nullptr;
       const acc_t *md = mean_dz.data(), *kk = k.data(), *sc = scale.data();
-      if (cl) {
-        if (mask)
-          RF_ISA(grad_input_channels_last<true, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, M, C, dxp);
+      with_flag(mask, [&](auto kMask) {
+        if (cl)
+          RF_ISA(grad_input_channels_last<kMask, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, M, C, dxp);
         else
-          RF_ISA(grad_input_channels_last<false, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, M, C, dxp);
-      } else {
-        if (mask)
-          RF_ISA(grad_input_nchw<true, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, N, C, H * W, dxp);
-        else
-          RF_ISA(grad_input_nchw<false, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, N, C, H * W, dxp);
-      }
+          RF_ISA(grad_input_nchw<kMask, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, N, C, H * W, dxp);
+      });
     });
   }
   return {dx, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()), dz};
