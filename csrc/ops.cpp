@@ -31,4 +31,7 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "batch_norm_act_backward(Tensor grad_y, Tensor x, Tensor? output, Tensor weight, Tensor mean, Tensor var, "
       "bool training, float eps, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The inference epilogue after a convolution with BatchNorm folded into its weights:
+  // y = relu(x + bias[c] + r), the residual read as by batch_norm_act.
+  m.def("bias_act(Tensor x, Tensor bias, Tensor? residual, int residual_stride, bool relu) -> Tensor");
 }

@@ -8,6 +8,8 @@ Backends:
 * ``cpu`` / ``cuda``: the C++ / CUDA C++ kernels of the compiled extension.
 * ``triton``: the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
+``auto`` runs Triton for CUDA tensors when triton is installed, else the CUDA C++ kernels.
+
 A backend runs the ops it implements; an op it lacks runs its eager formula (the table of
 which op has which kernel is :func:`kernels`). Choose with the environment variable
 ``RESNET_FAST_BACKEND`` (read at import) or :func:`set_backend`.
@@ -62,14 +64,52 @@ def _registered(op: str, key: str) -> bool:
         return False
 
 
-# Ops with compiled kernels, and which devices each one covers: {op: {"cpu": bool, "cuda": bool}}.
-EXTENSION_OPS = ("zero_pad_shortcut", "batch_norm_act")
-_KERNELS = {op: {"cpu": _registered(op, "CPU"), "cuda": _registered(op, "CUDA")} for op in EXTENSION_OPS}
+# -- Triton ---------------------------------------------------------------------------------
+
+# TRITON_INTERPRET=1 (set before import) runs Triton kernels on CPU tensors, in numpy.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _CUDA_DEVICE = torch.cuda.is_available()
 
 
+def _triton_problem() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    if not (_CUDA_DEVICE or TRITON_INTERPRET):
+        return (
+            "Triton kernels need a CUDA device (none here); set TRITON_INTERPRET=1 before importing "
+            "resnet_fast to run them on CPU tensors in Triton's interpreter"
+        )
+    return None
+
+
+_triton_error = _triton_problem()
+
+
+def _disable_triton(reason: str) -> None:
+    """Called when resnet_fast.triton fails to import (a triton release it does not support)."""
+    global _triton_error
+    _triton_error = reason
+    for v in _KERNELS.values():
+        v["triton"] = False
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can run: a CUDA device, or TRITON_INTERPRET=1 for CPU tensors."""
+    return _triton_error is None
+
+
+# Ops with compiled kernels, and which devices each one covers: {op: {"cpu", "cuda", "triton": bool}}.
+EXTENSION_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act")
+_KERNELS = {
+    op: {"cpu": _registered(op, "CPU"), "cuda": _registered(op, "CUDA"), "triton": _triton_error is None}
+    for op in EXTENSION_OPS
+}
+
+
 def kernels() -> dict[str, dict[str, bool]]:
-    """{op: {"cpu": built, "cuda": built}} for the ops of the compiled extension."""
+    """{op: {"cpu": built, "cuda": built, "triton": usable}} for every fused op."""
     return {op: dict(v) for op, v in _KERNELS.items()}
 
 
@@ -92,7 +132,7 @@ def _unavailable_reason(name: str) -> str | None:
         if not _CUDA_DEVICE:
             return "torch sees no CUDA device"
     if name == "triton":
-        return "this version has no Triton kernels yet"
+        return _triton_error
     return None
 
 
@@ -139,16 +179,28 @@ def use_backend(name: str):
 
 
 def resolve(op: str, device: torch.device) -> str:
-    """The implementation that runs ``op`` on a tensor of ``device``: eager, cpu, cuda or triton."""
+    """The implementation that runs ``op`` on a tensor of ``device``: eager, cpu, cuda or triton.
+    ``auto`` picks Triton for CUDA tensors (then the CUDA C++ kernels), the C++ kernels for CPU
+    tensors; ``triton`` also takes CPU tensors under TRITON_INTERPRET=1."""
     backend = _current
     if backend == "eager":
         return "eager"
     kind = device.type
+    table = _KERNELS.get(op, {})
+    if backend == "triton":
+        if kind == "cuda" or (kind == "cpu" and TRITON_INTERPRET):
+            return "triton" if table.get("triton") else "eager"
+        raise RuntimeError(
+            f"resnet_fast backend 'triton' was selected but {op} got a tensor on {device}; Triton runs CUDA "
+            "tensors (and CPU tensors only with TRITON_INTERPRET=1 set before import)"
+        )
     if backend in ("cpu", "cuda") and kind != backend:
         raise RuntimeError(
             f"resnet_fast backend {backend!r} was selected but {op} got a tensor on {device}; "
             f"move the tensor to {backend} or call resnet_fast.set_backend('auto')"
         )
-    if kind in ("cpu", "cuda") and _KERNELS.get(op, {}).get(kind, False):
+    if backend == "auto" and kind == "cuda" and table.get("triton"):
+        return "triton"
+    if kind in ("cpu", "cuda") and table.get(kind, False):
         return kind
     return "eager"

@@ -1,7 +1,15 @@
+import os
+
 import pytest
 import torch
 
-import resnet_fast
+# Without a GPU, the Triton kernels are tested in Triton's interpreter on CPU tensors; it must be
+# switched on before resnet_fast (which defines the kernels) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import resnet_fast  # noqa: E402
+from resnet_fast import _backend  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +25,22 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 requires_extension = pytest.mark.skipif(
     not resnet_fast.extension_available(), reason=f"extension not built: {resnet_fast.extension_error()}"
 )
+
+
+# The implementations of the fused ops, each skipped with its reason where it cannot run.
+_GPU_KERNELS = torch.cuda.is_available() and _backend.cuda_kernels_built()
+IMPLS = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not _backend.kernels()["batch_norm_act"]["cpu"], reason=f"C++ kernels not built: {resnet_fast.extension_error()}")),
+    pytest.param("triton", marks=pytest.mark.skipif(not _backend.triton_available(), reason=f"Triton cannot run: {_backend._triton_error}")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not _GPU_KERNELS, reason="needs a CUDA device and the extension's CUDA kernels (none on this machine)")),
+]
+
+
+def device_of(impl: str) -> str:
+    """Where an implementation's tensors live: Triton runs CPU tensors only in its interpreter."""
+    return "cuda" if impl == "cuda" or (impl == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+def ops_of(impl: str):
+    """The op namespace of an implementation."""
+    return torch.ops.resnet_fast_triton if impl == "triton" else torch.ops.resnet_fast

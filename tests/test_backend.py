@@ -34,8 +34,20 @@ def test_unknown_backend_is_refused():
 
 
 def test_unavailable_backends_say_why():
-    with pytest.raises(RuntimeError, match="'triton' is not available here: this version has no Triton kernels"):
-        resnet_fast.set_backend("triton")
+    if not torch.cuda.is_available():
+        r = run_python(
+            """
+            import resnet_fast
+            try:
+                resnet_fast.set_backend("triton")
+            except RuntimeError as e:
+                print(e)
+            """,
+            TRITON_INTERPRET="0",
+        )
+        assert r.returncode == 0, r.stderr
+        assert "'triton' is not available here: Triton kernels need a CUDA device" in r.stdout
+        assert "TRITON_INTERPRET=1" in r.stdout
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="'cuda' is not available here"):
             resnet_fast.set_backend("cuda")
@@ -84,7 +96,8 @@ def test_fallback_when_the_extension_is_missing():
         else:
             raise AssertionError("set_backend('cpu') should fail without the extension")
         print("ok", tuple(out.shape))
-        """
+        """,
+        TRITON_INTERPRET="0",
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok (4, 10)"
@@ -92,6 +105,26 @@ def test_fallback_when_the_extension_is_missing():
 
 def test_kernel_table_lists_built_kernels():
     table = resnet_fast._backend.kernels()
-    assert set(table) == {"zero_pad_shortcut", "batch_norm_act"}
+    assert set(table) == {"zero_pad_shortcut", "batch_norm_act", "bias_act"}
     for op in table:
         assert table[op]["cpu"] == resnet_fast.extension_available()
+        assert table[op]["triton"] == resnet_fast._backend.triton_available()
+
+
+@pytest.mark.skipif(not resnet_fast._backend.TRITON_INTERPRET, reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU)")
+def test_triton_backend_runs_cpu_tensors_in_the_interpreter():
+    resnet_fast.set_backend("triton")
+    x = torch.randn(2, 4, 3, 3)
+    assert resnet_fast._backend.resolve("batch_norm_act", x.device) == "triton"
+    resnet_fast.set_backend("auto")
+    assert resnet_fast._backend.resolve("batch_norm_act", x.device) != "triton"  # auto keeps the C++ kernels on CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+def test_auto_prefers_triton_for_cuda_tensors():
+    x = torch.randn(2, 4, 3, 3, device="cuda")
+    expected = "triton" if resnet_fast._backend.triton_available() else "cuda"
+    assert resnet_fast._backend.resolve("batch_norm_act", x.device) == expected
+    if resnet_fast._backend.cuda_kernels_built():
+        resnet_fast.set_backend("cuda")
+        assert resnet_fast._backend.resolve("batch_norm_act", x.device) == "cuda"

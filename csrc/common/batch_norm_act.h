@@ -38,4 +38,23 @@ RF_HOST_DEVICE T bn_grad_input(T dz, T xmu, T mean_dz, T k, T scale) {
   return (dz - mean_dz - xmu * k) * scale;
 }
 
+// Chan et al.'s merge of two sets' (count, mean, sum of squared deviations): the running set
+// (n, mean, m2) absorbs (nb, mb, m2b). Exact in exact arithmetic, and stable: no large sums cancel.
+RF_HOST_DEVICE void chan_merge(double& n, double& mean, double& m2, double nb, double mb, double m2b) {
+  if (nb <= 0) return;
+  const double total = n + nb;
+  const double delta = mb - mean;
+  mean += delta * (nb / total);
+  m2 += m2b + delta * delta * (n * nb / total);
+  n = total;
+}
+
+// (mean, m2) of a set from sums taken relative to a shift K close to its values:
+// s1 = sum(x - K), s2 = sum((x - K)^2) over n values.
+RF_HOST_DEVICE void shifted_moments(double n, double K, double s1, double s2, double& mean, double& m2) {
+  mean = K + s1 / n;
+  const double v = s2 - s1 * s1 / n;
+  m2 = v > 0 ? v : 0;
+}
+
 }  // namespace resnet_fast

@@ -37,6 +37,24 @@ inline void check_zero_pad_shortcut_backward_args(const at::Tensor& grad_out, at
               " does not fit an input of shape ", input_size, " with stride ", stride);
 }
 
+// A residual read in place with a stride: the identity, a projection's output, or the option-A
+// shortcut (fewer channels, zero beyond them).
+inline void check_residual(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                           int64_t residual_stride) {
+  if (!residual.has_value()) return;
+  const at::Tensor& r = *residual;
+  TORCH_CHECK(residual_stride >= 1, op, ": expected residual_stride >= 1, got ", residual_stride);
+  TORCH_CHECK(r.dim() == 4 && r.size(0) == x.size(0) && r.size(1) <= x.size(1) &&
+                  (r.size(2) + residual_stride - 1) / residual_stride == x.size(2) &&
+                  (r.size(3) + residual_stride - 1) / residual_stride == x.size(3),
+              op, ": a residual of shape ", r.sizes(), " with stride ", residual_stride,
+              " does not fit an output of shape ", x.sizes(),
+              " (expected (N, C_r <= C, H_r, W_r) with ceil(H_r / stride) = H and ceil(W_r / stride) = W)");
+  TORCH_CHECK(r.scalar_type() == x.scalar_type() && r.device() == x.device(), op,
+              ": the residual must have the input's dtype and device, got ", r.scalar_type(), " on ", r.device(),
+              " for ", x.scalar_type(), " on ", x.device());
+}
+
 inline void check_batch_norm_act_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                       const std::optional<at::Tensor>& running_mean,
                                       const std::optional<at::Tensor>& running_var,
@@ -58,19 +76,16 @@ inline void check_batch_norm_act_args(const at::Tensor& x, const at::Tensor& wei
     TORCH_CHECK(x.numel() == 0 || x.size(0) * x.size(2) * x.size(3) > 1,
                 "Expected more than 1 value per channel when training, got input size ", x.sizes());
   }
-  if (residual.has_value()) {
-    const at::Tensor& r = *residual;
-    TORCH_CHECK(residual_stride >= 1, "batch_norm_act: expected residual_stride >= 1, got ", residual_stride);
-    TORCH_CHECK(r.dim() == 4 && r.size(0) == x.size(0) && r.size(1) <= C &&
-                    (r.size(2) + residual_stride - 1) / residual_stride == x.size(2) &&
-                    (r.size(3) + residual_stride - 1) / residual_stride == x.size(3),
-                "batch_norm_act: a residual of shape ", r.sizes(), " with stride ", residual_stride,
-                " does not fit an output of shape ", x.sizes(),
-                " (expected (N, C_r <= C, H_r, W_r) with ceil(H_r / stride) = H and ceil(W_r / stride) = W)");
-    TORCH_CHECK(r.scalar_type() == x.scalar_type() && r.device() == x.device(),
-                "batch_norm_act: the residual must have the input's dtype and device, got ", r.scalar_type(), " on ",
-                r.device(), " for ", x.scalar_type(), " on ", x.device());
-  }
+  check_residual("batch_norm_act", x, residual, residual_stride);
+}
+
+inline void check_bias_act_args(const at::Tensor& x, const at::Tensor& bias,
+                                const std::optional<at::Tensor>& residual, int64_t residual_stride) {
+  TORCH_CHECK(x.dim() == 4, "bias_act: expected a 4-D input (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "bias_act: expected a floating-point input, got ",
+              x.scalar_type());
+  TORCH_CHECK(bias.numel() == x.size(1), "bias_act: expected a bias of ", x.size(1), " elements, got ", bias.numel());
+  check_residual("bias_act", x, residual, residual_stride);
 }
 
 }  // namespace resnet_fast

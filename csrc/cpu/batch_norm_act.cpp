@@ -205,11 +205,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
   return {dx, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()), dz};
 }
 
+// The inference epilogue y = act(x + bias + r): the apply loops with a scale of 1.
+at::Tensor bias_act_cpu(const at::Tensor& input, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+                        int64_t residual_stride, bool relu) {
+  check_bias_act_args(input, bias, residual, residual_stride);
+  const auto fmt = input.suggest_memory_format();
+  const at::Tensor x = input.contiguous(fmt);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (x.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor b = bias.to(acc_dtype(x)).contiguous();
+    const std::vector<acc_t> ones(C, acc_t(1));
+    ResidualView<scalar_t> r;
+    if (residual.has_value()) {
+      const at::Tensor& t = *residual;
+      r = {t.const_data_ptr<scalar_t>(), t.size(1), t.stride(0), t.stride(1), t.stride(2), t.stride(3), residual_stride};
+    }
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const acc_t* bp = b.const_data_ptr<acc_t>();
+    with_flag(relu, [&](auto kRelu) {
+      if (is_channels_last(fmt))
+        RF_ISA(apply_channels_last<kRelu, scalar_t, acc_t>)(xp, yp, N, C, H, W, ones.data(), bp, r);
+      else
+        RF_ISA(apply_nchw<kRelu, scalar_t, acc_t>)(xp, yp, N, C, H, W, ones.data(), bp, r);
+    });
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("batch_norm_act", &batch_norm_act_cpu);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+  m.impl("bias_act", &bias_act_cpu);
 }
 
 }  // namespace resnet_fast

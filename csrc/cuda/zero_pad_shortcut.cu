@@ -10,31 +10,16 @@
 
 #include "common/checks.h"
 #include "common/zero_pad_shortcut.h"
+#include "cuda/launch.cuh"
 
 namespace resnet_fast {
 namespace {
 
-constexpr int kThreads = 256;
-
-// Logical (n, c, h, w) of the element at memory offset i of a dense tensor.
-struct Index4 {
-  int64_t n, c, h, w;
-};
-template <bool ChannelsLast>
-__device__ __forceinline__ Index4 decompose(int64_t i, int64_t C, int64_t H, int64_t W) {
-  if (ChannelsLast) {
-    const int64_t c = i % C;
-    i /= C;
-    const int64_t w = i % W;
-    i /= W;
-    return {i / H, c, i % H, w};
-  }
-  const int64_t w = i % W;
-  i /= W;
-  const int64_t h = i % H;
-  i /= H;
-  return {i / C, i % C, h, w};
-}
+using cuda::blocks_for;
+using cuda::decompose;
+using cuda::dense_channels_last;
+using cuda::Index4;
+using cuda::kThreads;
 
 template <typename T, bool ChannelsLast>
 __global__ void zero_pad_shortcut_kernel(T* __restrict__ out, const T* __restrict__ x, Strides4 xs, int64_t numel,
@@ -54,17 +39,6 @@ __global__ void zero_pad_shortcut_backward_kernel(T* __restrict__ grad_x, const 
     const Index4 p = decompose<ChannelsLast>(i, C, H, W);
     grad_x[i] = zero_pad_shortcut_grad_at(grad_out, gs, stride, p.n, p.c, p.h, p.w);
   }
-}
-
-// Enough blocks to fill any current GPU; the grid-stride loops cover the rest.
-constexpr int64_t kMaxBlocks = 1 << 16;
-
-unsigned blocks_for(int64_t numel) {
-  return static_cast<unsigned>(std::min<int64_t>((numel + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
-bool dense_channels_last(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
 }
 
 at::Tensor zero_pad_shortcut_cuda(const at::Tensor& x, int64_t out_channels, int64_t stride) {

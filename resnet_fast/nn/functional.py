@@ -6,6 +6,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 
@@ -68,34 +69,42 @@ def bn_act(
 _FOLDED: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _foldable(x: Tensor, conv: nn.Module, bn: nn.Module) -> bool:
-    """Inference with nothing to differentiate, on the fused CPU path, with plain modules."""
-    return (
+def _fold_path(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | None:
+    """How inference with BatchNorm folded into the convolution runs here, or None when it does
+    not apply (training, something to differentiate, hooks, other modules, torch.compile tracing):
+    "mkldnn" on the fused CPU path (oneDNN convolution with post-ops), "epilogue" on GPUs (cuDNN
+    convolution, then the bias_act kernel; also Triton's interpreter on CPU tensors)."""
+    if not (
         not bn.training
         and not torch.compiler.is_compiling()
         and type(conv) is nn.Conv2d
         and type(bn) is nn.BatchNorm2d
         and bn.running_mean is not None
         and bn.weight is not None
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
         and x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
         and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or bn.weight.requires_grad))
         and not (conv._forward_hooks or conv._forward_pre_hooks or bn._forward_hooks or bn._forward_pre_hooks)
-        and _backend.resolve("batch_norm_act", x.device) == "cpu"
-    )
+    ):
+        return None
+    impl = _backend.resolve("batch_norm_act", x.device)
+    if impl == "cpu" and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last):
+        return "mkldnn"
+    if impl in ("triton", "cuda") and x.is_floating_point():
+        return "epilogue"
+    return None
 
 
-def _folded_weights(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def _folded_weights(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, path: str) -> tuple[Tensor, Tensor]:
     tensors = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
     if conv.bias is not None:
         tensors.append(conv.bias)
     # Any change to a parameter or statistic (optimiser step, load_state_dict, .to()) bumps its
-    # version or moves its storage, and so invalidates the cache.
-    key = (id(bn), bn.eps, tuple(x.shape), tuple((t._version, t.data_ptr()) for t in tensors))
+    # version or moves its storage, and so invalidates the cache. oneDNN's prepacked weights also
+    # depend on the input's shape.
+    shape = tuple(x.shape) if path == "mkldnn" else (x.dtype, x.is_contiguous(memory_format=torch.channels_last))
+    key = (path, id(bn), bn.eps, shape, tuple((t._version, t.data_ptr()) for t in tensors))
     hit = _FOLDED.get(conv)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
@@ -104,10 +113,16 @@ def _folded_weights(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Ten
         bias = bn.bias - bn.running_mean * scale
         if conv.bias is not None:
             bias = bias + conv.bias * scale
-        weight = (conv.weight * scale.reshape(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-        weight = torch.ops.mkldnn._reorder_convolution_weight(
-            weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape)
-        )
+        weight = (conv.weight * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype)
+        if path == "mkldnn":
+            weight = torch.ops.mkldnn._reorder_convolution_weight(
+                weight.contiguous(memory_format=torch.channels_last),
+                list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(x.shape),
+            )
+        elif x.is_contiguous(memory_format=torch.channels_last):
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        else:
+            weight = weight.contiguous()
     _FOLDED[conv] = (key, weight, bias)
     return weight, bias
 
@@ -120,13 +135,18 @@ def conv_bn_act(
     relu: bool = True,
     residual_stride: int = 1,
 ) -> Tensor:
-    """``relu(bn(conv(x)) + residual)``. In inference (eval mode, nothing requiring a gradient) on
-    the CPU kernels' path, BatchNorm is folded into the convolution's weights once (cached) and the
-    residual add and ReLU run as oneDNN post-ops of the convolution; otherwise the convolution
-    runs as is and :func:`bn_act` fuses the rest."""
-    if is_fx_tracing() or not _foldable(x, conv, bn):
+    """``relu(bn(conv(x)) + residual)``. In inference (eval mode, nothing requiring a gradient),
+    BatchNorm is folded into the convolution's weights once (cached): on the CPU kernels' path the
+    residual add and ReLU run as oneDNN post-ops of the convolution, on GPUs as the bias_act
+    epilogue kernel after cuDNN's convolution. Otherwise the convolution runs as is and
+    :func:`bn_act` fuses the rest."""
+    path = None if is_fx_tracing() else _fold_path(x, conv, bn)
+    if path is None:
         return bn_act(conv(x), bn, residual, relu, residual_stride)
-    weight, bias = _folded_weights(x, conv, bn)
+    weight, bias = _folded_weights(x, conv, bn, path)
+    if path == "epilogue":
+        y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return ops.bias_act(y, bias, residual, relu, residual_stride)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [None], "")

@@ -1,8 +1,16 @@
 """Fused ops: one module per op (registration, autograd, backend routing); formulas in
 :mod:`resnet_fast.ops.reference`."""
 
+from .. import _backend
 from . import reference
 from .batch_norm_act import batch_norm_act
+from .bias_act import bias_act
 from .zero_pad_shortcut import zero_pad_shortcut
 
-__all__ = ["batch_norm_act", "reference", "zero_pad_shortcut"]
+if _backend.triton_available():
+    try:
+        from .. import triton as _triton  # defines torch.ops.resnet_fast_triton.*
+    except Exception as exc:  # a triton release these kernels do not support
+        _backend._disable_triton(f"resnet_fast.triton failed to import ({type(exc).__name__}: {exc})")
+
+__all__ = ["batch_norm_act", "bias_act", "reference", "zero_pad_shortcut"]

@@ -1,8 +1,8 @@
 """BatchNorm (+ residual add) (+ ReLU): the fused end of every conv unit and residual block.
 
 Formula: :func:`resnet_fast.ops.reference.batch_norm_act`. Kernels: ``csrc/cpu/batch_norm_act.cpp``
-(loops in ``csrc/cpu/batch_norm_act_kernels.inc``), per-element math in
-``csrc/common/batch_norm_act.h``. The op returns the mean and variance it normalised with; the
+(loops in ``csrc/cpu/batch_norm_act_kernels.inc``), ``csrc/cuda/batch_norm_act.cu``,
+``resnet_fast/triton/kernels.py``; per-element math in ``csrc/common/batch_norm_act.h``. The op returns the mean and variance it normalised with; the
 running statistics are updated here, like nn.BatchNorm2d does, so the op itself mutates nothing.
 """
 
@@ -31,14 +31,15 @@ def batch_norm_act(
 ) -> Tensor:
     """``relu(batch_norm(x) + r)``, with ``r`` the residual subsampled by ``residual_stride`` and
     zero-padded to x's channels (the option-A shortcut read in place); see the formula."""
-    if _backend.resolve("batch_norm_act", x.device) == "eager" or weight is None or bias is None:
+    impl = _backend.resolve("batch_norm_act", x.device)
+    if impl == "eager" or weight is None or bias is None:
         if residual is not None and (residual_stride != 1 or residual.shape[1] != x.shape[1]):
             residual = reference.zero_pad_shortcut(residual, x.shape[1], residual_stride)
         return reference.batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu)
     if training and x.dim() == 4 and x.numel() > 0 and x.shape[0] * x.shape[2] * x.shape[3] == 1:
         # The same error (type and words) as torch.nn.functional.batch_norm.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    y, mean, var = torch.ops.resnet_fast.batch_norm_act(
+    y, mean, var = namespace(impl).batch_norm_act(
         x,
         weight,
         bias,
@@ -60,6 +61,12 @@ def batch_norm_act(
     return y
 
 
+def namespace(impl: str):
+    """The op namespace of an implementation: the C++/CUDA kernels (``resnet_fast``) or the
+    Triton ones (``resnet_fast_triton``, same schemas, defined in resnet_fast/triton/)."""
+    return torch.ops.resnet_fast_triton if impl == "triton" else torch.ops.resnet_fast
+
+
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -68,15 +75,17 @@ def _like(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
 
 
-if _backend.extension_available():
+def register(ns: str) -> None:
+    """Fake kernels and autograd for ``{ns}::batch_norm_act`` (and its backward)."""
+    ops = getattr(torch.ops, ns)
 
-    @torch.library.register_fake("resnet_fast::batch_norm_act")
+    @torch.library.register_fake(f"{ns}::batch_norm_act")
     def _(x, weight, bias, running_mean, running_var, residual, residual_stride, training, eps, relu):
         torch._check(x.dim() == 4, lambda: f"batch_norm_act: expected a 4-D input, got {x.dim()}-D")
         c = x.shape[1]
         return _like(x), x.new_empty((c,), dtype=_acc_dtype(x)), x.new_empty((c,), dtype=_acc_dtype(x))
 
-    @torch.library.register_fake("resnet_fast::batch_norm_act_backward")
+    @torch.library.register_fake(f"{ns}::batch_norm_act_backward")
     def _(grad_y, x, output, weight, mean, var, training, eps, relu, residual_grad):
         c = x.shape[1]
         grad_residual = _like(x) if residual_grad else x.new_empty((0,))
@@ -94,16 +103,14 @@ if _backend.extension_available():
         x, y, weight, mean, var = ctx.saved_tensors
         needs = ctx.needs_input_grad
         residual_grad = ctx.residual_shape is not None and needs[5]
-        grad_x, grad_weight, grad_bias, grad_z = torch.ops.resnet_fast.batch_norm_act_backward(
+        grad_x, grad_weight, grad_bias, grad_z = ops.batch_norm_act_backward(
             grad_y, x, y, weight, mean, var, ctx.training, ctx.eps, ctx.relu, residual_grad
         )
         grad_residual = None
         if residual_grad:
             grad_residual = grad_z
             if ctx.residual_shape != tuple(x.shape):  # the option-A shortcut: back to the block input
-                grad_residual = torch.ops.resnet_fast.zero_pad_shortcut_backward(
-                    grad_z, list(ctx.residual_shape), ctx.residual_stride
-                )
+                grad_residual = ops.zero_pad_shortcut_backward(grad_z, list(ctx.residual_shape), ctx.residual_stride)
         return (
             grad_x if needs[0] else None,
             grad_weight if needs[1] else None,
@@ -117,7 +124,7 @@ if _backend.extension_available():
             None,
         )
 
-    torch.library.register_autograd("resnet_fast::batch_norm_act", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{ns}::batch_norm_act", _backward, setup_context=_setup_context)
 
     def _no_double_backward(ctx, *grads):
         raise RuntimeError(
@@ -126,5 +133,9 @@ if _backend.extension_available():
         )
 
     torch.library.register_autograd(
-        "resnet_fast::batch_norm_act_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+        f"{ns}::batch_norm_act_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
     )
+
+
+if _backend.extension_available():
+    register("resnet_fast")

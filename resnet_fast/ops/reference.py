@@ -59,3 +59,19 @@ def batch_norm_act(
     if relu:
         y = torch.relu_(y)
     return y
+
+
+def bias_act(x: Tensor, bias: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
+    """The inference epilogue of a convolution whose weights absorbed BatchNorm:
+    ``y = relu(x + bias[c] + residual)``.
+
+    Folding: with ``scale = weight / sqrt(running_var + eps)``, ``BN(conv(x, K)) = conv(x, K * scale)
+    + (bias - running_mean * scale)``, so a conv with the scaled kernel and this epilogue with the
+    folded bias compute ``relu(BN(conv(x)) + residual)`` in eval mode.
+
+    x, residual: (N, C, H, W); bias: (C,)
+    """
+    y = x + bias.to(x.dtype).reshape(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y

@@ -1,7 +1,7 @@
 """The option-A zero-padding shortcut: registration (fake kernel, autograd) and routing.
 
 Formula: :func:`resnet_fast.ops.reference.zero_pad_shortcut`. Kernels: ``csrc/cpu/zero_pad_shortcut.cpp``,
-``csrc/cuda/zero_pad_shortcut.cu``, shared math in ``csrc/common/zero_pad_shortcut.h``.
+``csrc/cuda/zero_pad_shortcut.cu``, ``resnet_fast/triton/kernels.py``; shared math in ``csrc/common/zero_pad_shortcut.h``.
 """
 
 from __future__ import annotations
@@ -16,18 +16,22 @@ from . import reference
 
 def zero_pad_shortcut(x: Tensor, out_channels: int, stride: int) -> Tensor:
     """Subsample ``x`` by ``stride`` and append ``out_channels - C`` zero channels (differentiable)."""
-    if _backend.resolve("zero_pad_shortcut", x.device) == "eager":
+    impl = _backend.resolve("zero_pad_shortcut", x.device)
+    if impl == "eager":
         return reference.zero_pad_shortcut(x, out_channels, stride)
-    return torch.ops.resnet_fast.zero_pad_shortcut(x, out_channels, stride)
+    ops = torch.ops.resnet_fast_triton if impl == "triton" else torch.ops.resnet_fast
+    return ops.zero_pad_shortcut(x, out_channels, stride)
 
 
 def _out_size(size: int, stride: int) -> int:
     return (size + stride - 1) // stride
 
 
-if _backend.extension_available():
+def register(ns: str) -> None:
+    """Fake kernels and autograd for ``{ns}::zero_pad_shortcut`` (and its backward)."""
+    ops = getattr(torch.ops, ns)
 
-    @torch.library.register_fake("resnet_fast::zero_pad_shortcut")
+    @torch.library.register_fake(f"{ns}::zero_pad_shortcut")
     def _(x, out_channels, stride):
         torch._check(x.dim() == 4, lambda: f"zero_pad_shortcut: expected a 4-D input, got {x.dim()}-D")
         torch._check(stride >= 1, lambda: f"zero_pad_shortcut: expected stride >= 1, got {stride}")
@@ -40,7 +44,7 @@ if _backend.extension_available():
             memory_format=suggest_memory_format(x),
         )
 
-    @torch.library.register_fake("resnet_fast::zero_pad_shortcut_backward")
+    @torch.library.register_fake(f"{ns}::zero_pad_shortcut_backward")
     def _(grad_out, input_size, stride):
         return torch.empty(
             tuple(input_size), dtype=grad_out.dtype, device=grad_out.device, memory_format=suggest_memory_format(grad_out)
@@ -54,10 +58,10 @@ if _backend.extension_available():
     def _backward(ctx, grad):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.resnet_fast.zero_pad_shortcut_backward(grad, list(ctx.input_size), ctx.stride)
+            grad_x = ops.zero_pad_shortcut_backward(grad, list(ctx.input_size), ctx.stride)
         return grad_x, None, None
 
-    torch.library.register_autograd("resnet_fast::zero_pad_shortcut", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{ns}::zero_pad_shortcut", _backward, setup_context=_setup_context)
 
     # The backward is linear; its own gradient is the forward again (double backward).
     def _setup_context_backward(ctx, inputs, output):
@@ -68,9 +72,13 @@ if _backend.extension_available():
     def _backward_backward(ctx, grad):
         grad_grad_out = None
         if ctx.needs_input_grad[0]:
-            grad_grad_out = torch.ops.resnet_fast.zero_pad_shortcut(grad, ctx.out_channels, ctx.stride)
+            grad_grad_out = ops.zero_pad_shortcut(grad, ctx.out_channels, ctx.stride)
         return grad_grad_out, None, None
 
     torch.library.register_autograd(
-        "resnet_fast::zero_pad_shortcut_backward", _backward_backward, setup_context=_setup_context_backward
+        f"{ns}::zero_pad_shortcut_backward", _backward_backward, setup_context=_setup_context_backward
     )
+
+
+if _backend.extension_available():
+    register("resnet_fast")

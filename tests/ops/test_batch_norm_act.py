@@ -9,10 +9,18 @@ from hypothesis import strategies as st
 import resnet_fast
 from resnet_fast.nn import bn_act
 from resnet_fast.ops import batch_norm_act, reference
-from tests.conftest import requires_extension
+from tests.conftest import IMPLS, device_of, ops_of, requires_extension
 
-pytestmark = requires_extension
+# Tests that take `impl` run for the C++ kernels ("cpu"), the Triton kernels (in the interpreter
+# on this machine) and the CUDA C++ kernels (skipped without a GPU).
 op = torch.ops.resnet_fast.batch_norm_act if resnet_fast.extension_available() else None
+
+
+def on(device, t):
+    """t on device, keeping its layout (a strided view stays a strided view)."""
+    if t is None or t.device.type == device:
+        return t
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t)
 
 # Per dtype: how far from the float64 formula an output may be, relative to eager PyTorch's own
 # error in that dtype (flash-attention's rule) plus a floor in units of the dtype's epsilon.
@@ -41,18 +49,18 @@ def residual_for(kind, shape, dtype, layout):
     return make((n, max(1, c // 2), 2 * h - (h % 2), 2 * w), dtype, layout, 1.0, 0.0), 2
 
 
-def run(fn, x, w, b, rm, rv, training, r, relu, stride, grad):
-    x, w, b = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
-    r = None if r is None else r.detach().clone().requires_grad_(True)
-    rm, rv = rm.clone(), rv.clone()
+def run(fn, x, w, b, rm, rv, training, r, relu, stride, grad, device="cpu"):
+    x, w, b = (on(device, t).detach().clone().requires_grad_(True) for t in (x, w, b))
+    r = None if r is None else on(device, r).detach().clone().requires_grad_(True)
+    rm, rv = on(device, rm).clone(), on(device, rv).clone()
     if fn is None:  # the formula, with the residual padded explicitly
         rr = None if r is None else reference.zero_pad_shortcut(r, x.shape[1], stride) if stride != 1 or r.shape[1] != x.shape[1] else r
         y = reference.batch_norm_act(x, w, b, rm, rv, training, 0.1, 1e-5, rr, relu)
     else:
         y = fn(x, w, b, rm, rv, training, 0.1, 1e-5, r, relu, stride)
     inputs = [x, w, b] + ([r] if r is not None else [])
-    grads = torch.autograd.grad(y, inputs, grad.to(y.dtype))
-    return [y.detach(), rm, rv, *grads]
+    grads = torch.autograd.grad(y, inputs, grad.to(y.dtype).to(device))
+    return [t.cpu() for t in (y.detach(), rm, rv, *grads)]
 
 
 SHAPES = [(4, 16, 8, 8), (1, 3, 5, 7), (3, 17, 1, 1), (2, 64, 4, 4), (5, 8, 3, 2)]
@@ -64,7 +72,8 @@ SHAPES = [(4, 16, 8, 8), (1, 3, 5, 7), (3, 17, 1, 1), (2, 64, 4, 4), (5, 8, 3, 2
 @pytest.mark.parametrize("residual", [None, "identity", "option_a"])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("training", [True, False])
-def test_matches_formula(shape, dtype, layout, residual, relu, training):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_formula(impl, shape, dtype, layout, residual, relu, training):
     if training and shape[0] * shape[2] * shape[3] == 1:
         pytest.skip("one value per channel: tested as an error")
     c = shape[1]
@@ -77,7 +86,8 @@ def test_matches_formula(shape, dtype, layout, residual, relu, training):
 
     exact = run(None, *(t.double() if t is not None else None for t in (x, w, b, rm, rv)), training,
                 None if r is None else r.double(), relu, stride, grad)
-    ours = run(batch_norm_act, x, w, b, rm, rv, training, r, relu, stride, grad)
+    with resnet_fast.use_backend(impl):
+        ours = run(batch_norm_act, x, w, b, rm, rv, training, r, relu, stride, grad, device_of(impl))
     eager = run(None, x, w, b, rm, rv, training, r, relu, stride, grad)
     names = ["y", "running_mean", "running_var", "grad_x", "grad_weight", "grad_bias", "grad_residual"]
     for name, o, e, ex in zip(names, ours, eager, exact):
@@ -90,6 +100,7 @@ def test_matches_formula(shape, dtype, layout, residual, relu, training):
         assert ours[0].is_contiguous(memory_format=torch.channels_last)
 
 
+@requires_extension
 def test_running_statistics_follow_batchnorm_exactly_in_float64():
     bn = torch.nn.BatchNorm2d(6, momentum=None).double()
     ours = torch.nn.BatchNorm2d(6, momentum=None).double()
@@ -101,36 +112,42 @@ def test_running_statistics_follow_batchnorm_exactly_in_float64():
     assert int(ours.num_batches_tracked) == 3
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_float64(impl):
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(2, 2, 8, 5, dtype=torch.float64, requires_grad=True)
+    op, dev = ops_of(impl).batch_norm_act, device_of(impl)
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, device=dev, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, device=dev, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=dev, requires_grad=True)
+    r = torch.randn(2, 2, 8, 5, dtype=torch.float64, device=dev, requires_grad=True)
     for training in (True, False):
-        rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        rm, rv = torch.zeros(3, dtype=torch.float64, device=dev), torch.ones(3, dtype=torch.float64, device=dev)
         fn = lambda x, w, b, r: op(x, w, b, rm, rv, r, 2, training, 1e-5, True)[0]  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (x, w, b, r))
+        assert torch.autograd.gradcheck(fn, (x, w, b, r), fast_mode=impl == "triton")
         fn = lambda x, w, b: op(x, w, b, rm, rv, None, 1, training, 1e-5, False)[0]  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=impl == "triton")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_opcheck(layout):
-    x = make((2, 4, 3, 3), torch.float32, layout).requires_grad_(True)
-    w, b = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
-    rm, rv = torch.zeros(4), torch.ones(4)
-    r = make((2, 2, 6, 5), torch.float32, layout).requires_grad_(True)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl, layout):
+    ops, dev = ops_of(impl), device_of(impl)
+    op = ops.batch_norm_act
+    x = on(dev, make((2, 4, 3, 3), torch.float32, layout)).requires_grad_(True)
+    w, b = torch.rand(4, device=dev, requires_grad=True), torch.randn(4, device=dev, requires_grad=True)
+    rm, rv = torch.zeros(4, device=dev), torch.ones(4, device=dev)
+    r = on(dev, make((2, 2, 6, 5), torch.float32, layout)).requires_grad_(True)
     torch.library.opcheck(op, (x, w, b, None, None, r, 2, True, 1e-5, True))
     torch.library.opcheck(op, (x, w, b, rm, rv, None, 1, False, 1e-5, False))
     with torch.no_grad():
         y, mean, var = op(x, w, b, None, None, None, 1, True, 1e-5, True)
     torch.library.opcheck(
-        torch.ops.resnet_fast.batch_norm_act_backward,
+        ops.batch_norm_act_backward,
         (torch.randn_like(y), x.detach(), y, w.detach(), mean, var, True, 1e-5, True, True),
     )
 
 
+@requires_extension
 def test_double_backward_is_refused_clearly():
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
     bn = torch.nn.BatchNorm2d(4)
@@ -139,6 +156,7 @@ def test_double_backward_is_refused_clearly():
         g.sum().backward()
 
 
+@requires_extension
 def test_one_value_per_channel_raises_like_pytorch():
     x, bn = torch.randn(1, 4, 1, 1), torch.nn.BatchNorm2d(4)
     with pytest.raises(ValueError) as theirs:
@@ -159,35 +177,44 @@ def test_one_value_per_channel_raises_like_pytorch():
         (dict(residual=torch.randn(2, 8, 3, 3)), "does not fit an output"),
         (dict(residual=torch.randn(2, 4, 3, 3, dtype=torch.float64)), "must have the input's dtype"),
         (dict(training=False), "eval mode needs running_mean"),
+        (dict(x=torch.randn(1, 4, 1, 1)), "Expected more than 1 value per channel when training"),
     ],
 )
-def test_bad_input_is_refused_clearly(kwargs, message):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_input_is_refused_clearly(impl, kwargs, message):
     args = dict(x=torch.randn(2, 4, 3, 3), weight=torch.ones(4), bias=torch.zeros(4), running_mean=None,
                 running_var=None, residual=None, residual_stride=1, training=True, eps=1e-5, relu=True)
     args.update(kwargs)
+    args = {k: on(device_of(impl), v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(RuntimeError, match=message):
-        op(*args.values())
+        ops_of(impl).batch_norm_act(*args.values())
 
 
-def test_large_channel_and_batch_counts_are_accurate():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_channel_and_batch_counts_are_accurate(impl):
     # Many values per channel, a large mean: the statistics must not cancel.
-    x = torch.randn(64, 8, 32, 32) * 0.01 + 100
+    op, dev = ops_of(impl).batch_norm_act, device_of(impl)
+    x = torch.randn(64, 8, 32, 32, device=dev) * 0.01 + 100
     for fmt in (torch.contiguous_format, torch.channels_last):
-        y, mean, var = op(x.contiguous(memory_format=fmt), torch.ones(8), torch.zeros(8), None, None, None, 1, True, 0.0, False)
+        ones, zeros = torch.ones(8, device=dev), torch.zeros(8, device=dev)
+        y, mean, var = op(x.contiguous(memory_format=fmt), ones, zeros, None, None, None, 1, True, 0.0, False)
         xd = x.double()
         torch.testing.assert_close(mean.double(), xd.mean((0, 2, 3)), rtol=1e-7, atol=0)
         torch.testing.assert_close(var.double(), xd.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
 
 
-def test_compiles_without_graph_break():
-    bn = torch.nn.BatchNorm2d(4)
-    x = torch.randn(2, 4, 5, 5, requires_grad=True)
-    r = torch.randn(2, 2, 10, 10, requires_grad=True)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compiles_without_graph_break(impl):
+    resnet_fast.set_backend(impl)
+    dev = device_of(impl)
+    bn = torch.nn.BatchNorm2d(4).to(dev)
+    x = torch.randn(2, 4, 5, 5, device=dev, requires_grad=True)
+    r = torch.randn(2, 2, 10, 10, device=dev, requires_grad=True)
     fn = torch.compile(lambda x, r: bn_act(x, bn, residual=r, residual_stride=2), fullgraph=True, backend="aot_eager")
     y = fn(x, r)
     y.sum().backward()
     assert int(bn.num_batches_tracked) == 1
-    ref_bn = torch.nn.BatchNorm2d(4)
+    ref_bn = torch.nn.BatchNorm2d(4).to(dev)
     x2, r2 = x.detach().clone().requires_grad_(True), r.detach().clone().requires_grad_(True)
     y2 = F.relu(ref_bn(x2) + reference.zero_pad_shortcut(r2, 4, 2))
     y2.sum().backward()
@@ -202,6 +229,7 @@ def test_compiles_without_graph_break():
     n=st.integers(1, 4), c=st.integers(1, 20), h=st.integers(1, 9), w=st.integers(1, 9),
     channels_last=st.booleans(), relu=st.booleans(), with_residual=st.booleans(), training=st.booleans(),
 )
+@requires_extension
 def test_random_shapes_match_float64(n, c, h, w, channels_last, relu, with_residual, training):
     if training and n * h * w == 1:
         return
@@ -217,3 +245,22 @@ def test_random_shapes_match_float64(n, c, h, w, channels_last, relu, with_resid
     for o, ex in zip(ours, exact):
         # batch statistics over few values amplify rounding by up to 1/std of the batch.
         torch.testing.assert_close(o.double(), ex, rtol=1e-3, atol=1e-3 * (ex.abs().max().item() + 1))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("residual", [None, "option_a"])
+@pytest.mark.parametrize("impl", [p for p in IMPLS if p.values[0] != "cpu"])
+def test_float16_on_the_gpu_implementations(impl, layout, residual):
+    """float16 (the GPU kernels' third dtype; the C++ CPU kernels take float32, float64, bfloat16)."""
+    shape = (4, 16, 8, 8)
+    x = make(shape, torch.float16, layout)
+    r, stride = residual_for(residual, shape, torch.float16, layout)
+    w, b = torch.rand(16, dtype=torch.float64) + 0.5, torch.randn(16, dtype=torch.float64)
+    rm, rv = torch.zeros(16, dtype=torch.float64), torch.ones(16, dtype=torch.float64)
+    grad = torch.randn(shape, dtype=torch.float64)
+    with resnet_fast.use_backend(impl):
+        ours = run(batch_norm_act, x, w.half(), b.half(), rm.half(), rv.half(), True, r, True, stride, grad, device_of(impl))
+    exact = run(None, x.double(), w, b, rm, rv, True, None if r is None else r.double(), True, stride, grad)
+    for name, o, ex in zip(["y", "running_mean", "running_var", "grad_x", "grad_weight", "grad_bias", "grad_residual"], ours, exact):
+        assert o.dtype == torch.float16, name
+        torch.testing.assert_close(o.double(), ex, rtol=2e-3, atol=4e-3 * (ex.abs().max().item() + 1), msg=name)

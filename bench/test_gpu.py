@@ -1,0 +1,95 @@
+"""GPU benchmarks (run where torch.cuda.is_available(); skipped here with the reason): each
+fused op, and ResNet-50 at batch 256, training and inference, against eager NCHW, eager
+channels_last + AMP, and torch.compile."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fast
+from conftest import compare
+from resnet_fast.nn import bn_act
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+
+
+def synced(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape, residual", [((256, 256, 56, 56), True), ((256, 512, 28, 28), False), ((256, 64, 56, 56), False)], ids=str)
+def test_gpu_batch_norm_act_fwd_bwd(benchmark, impl, dtype, shape, residual):
+    if impl not in resnet_fast.available_backends():
+        pytest.skip(f"backend {impl} is not available")
+    fmt = torch.channels_last
+    x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
+    r = torch.randn_like(x).requires_grad_(True) if residual else None
+    grad = torch.randn_like(x)
+    bn = torch.nn.BatchNorm2d(shape[1]).cuda()
+
+    def ours():
+        with resnet_fast.use_backend(impl):
+            bn_act(x, bn, residual=r).backward(grad)
+
+    def eager():
+        y = bn(x)
+        if r is not None:
+            y = y + r
+        F.relu(y).backward(grad)
+
+    compiled_fn = torch.compile(lambda x, r: F.relu(bn(x) + r) if r is not None else F.relu(bn(x)))
+
+    def compiled():
+        compiled_fn(x, r).backward(grad)
+
+    compare(benchmark, f"GPU {impl} batch_norm_act {shape} {str(dtype)[6:]}", x.numel(), synced(ours),
+            {"eager": synced(eager), "torch.compile": synced(compiled)}, pairs=20, rounds=20)
+
+
+def resnet50_pair():
+    torch.manual_seed(0)
+    with resnet_fast.use_backend("eager"):
+        ref = resnet_fast.resnet50().cuda()
+    return copy.deepcopy(ref).to(memory_format=torch.channels_last), ref
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gpu_resnet50_batch256(benchmark, mode):
+    ours, eager_nchw = resnet50_pair()
+    eager_cl = copy.deepcopy(eager_nchw).to(memory_format=torch.channels_last)
+    compiled = torch.compile(copy.deepcopy(eager_cl))
+    models = [ours, eager_nchw, eager_cl, compiled]
+    for m in models:
+        m.train(mode == "train")
+    x = torch.randn(256, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 1000, (256,), device="cuda")
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models}
+
+    def step(model, amp, backend="eager", channels_last=False):
+        inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+        def run():
+            with resnet_fast.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                if mode == "train":
+                    loss = F.cross_entropy(model(inp), y)
+                    opts[id(model)].zero_grad(set_to_none=True)
+                    loss.backward()
+                    opts[id(model)].step()
+                else:
+                    with torch.no_grad():
+                        model(inp)
+            torch.cuda.synchronize()
+
+        return run
+
+    compare(benchmark, f"GPU ResNet-50 {mode} b256 (ours: bf16 AMP)", 256, step(ours, True, "auto"),
+            {"eager NCHW fp32": step(eager_nchw, False), "eager CL + AMP": step(eager_cl, True, channels_last=True),
+             "torch.compile CL + AMP": step(compiled, True, channels_last=True)}, pairs=5, rounds=5)
