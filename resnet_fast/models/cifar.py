@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.blocks import SHORTCUTS, BasicBlock, make_shortcut
-from ..nn.functional import conv_bn_act
+from ..nn.functional import conv_bn_act, run_owning_residuals
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
 
 __all__ = [
@@ -98,7 +98,8 @@ class CifarResNet(nn.Module):
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
         x = to_internal_layout(x)
         x = conv_bn_act(x, self.conv1, self.bn1)
-        x = self.layer3(self.layer2(self.layer1(x)))
+        # The blocks' inputs are this forward's own tensors: block ends may reuse them.
+        x = run_owning_residuals(self, lambda t: self.layer3(self.layer2(self.layer1(t))), x)
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
 

@@ -22,7 +22,7 @@ from torchvision.models._api import WeightsEnum
 from torchvision.models._utils import _ovewrite_named_param
 
 from ..nn.blocks import SHORTCUTS, BasicBlock, Bottleneck, make_shortcut
-from ..nn.functional import conv_bn_act
+from ..nn.functional import conv_bn_act, run_owning_residuals
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
 
 __all__ = [
@@ -171,10 +171,8 @@ class ResNet(nn.Module):
         x = conv_bn_act(x, self.conv1, self.bn1)
         x = self.maxpool(x)
 
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
+        # The blocks' inputs are this forward's own tensors: block ends may reuse them.
+        x = run_owning_residuals(self, lambda t: self.layer4(self.layer3(self.layer2(self.layer1(t)))), x)
 
         x = self.avgpool(x)
         x = torch.flatten(x, 1)

@@ -3,6 +3,7 @@ models keep torchvision's module tree and state_dict while running fused code.""
 
 from __future__ import annotations
 
+import contextvars
 import weakref
 
 import torch
@@ -127,6 +128,36 @@ def _folded_weights(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, path: str) -
     return weight, bias
 
 
+# Set by a whole network's forward (models/) while its intermediate tensors are its own: a block
+# end may then write its output into the storage of its residual (the block's input or its
+# projection), as torch.compile's freezing does, sparing a fresh output buffer per block.
+_DONATE_RESIDUALS = contextvars.ContextVar("resnet_fast_donate_residuals", default=False)
+
+
+def run_owning_residuals(model: nn.Module, fn, x: Tensor) -> Tensor:
+    """``fn(x)`` (a network's blocks) with residual donation when that is safe: eval mode,
+    nothing to differentiate, not under torch.compile or torch.fx, and no forward hook anywhere
+    (a hook could keep a block's input or output, which a later block would overwrite). Only a
+    network's own forward uses this, so a block called directly never writes into the caller's
+    tensor."""
+    safe = (
+        not torch.compiler.is_compiling()
+        and not is_fx_tracing()
+        and not model.training
+        and not torch.is_grad_enabled()
+        and not torch.nn.modules.module._global_forward_hooks
+        and not torch.nn.modules.module._global_forward_pre_hooks
+        and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    )
+    if not safe:
+        return fn(x)
+    token = _DONATE_RESIDUALS.set(True)
+    try:
+        return fn(x)
+    finally:
+        _DONATE_RESIDUALS.reset(token)
+
+
 def conv_bn_act(
     x: Tensor,
     conv: nn.Module,
@@ -153,6 +184,10 @@ def conv_bn_act(
     if residual_stride != 1 or residual.shape[1] != conv.out_channels:
         residual = ops.zero_pad_shortcut(residual, conv.out_channels, residual_stride)
     residual = residual.contiguous(memory_format=torch.channels_last)
+    if _DONATE_RESIDUALS.get() and residual.dtype == x.dtype and residual.shape[1] == conv.out_channels:
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            residual, x, weight, bias, *args, "add", None, "relu" if relu else None, [], ""
+        )
     return torch.ops.mkldnn._convolution_pointwise.binary(
         x, residual, weight, bias, *args, "add", None, "relu" if relu else None, [], ""
     )

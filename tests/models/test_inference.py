@@ -76,3 +76,39 @@ def test_pickle_and_deepcopy_after_folding():
         expected = model(x)
         torch.testing.assert_close(pickle.loads(pickle.dumps(model))(x), expected)
         torch.testing.assert_close(copy.deepcopy(model)(x), expected)
+
+
+def test_block_ends_write_into_their_residual_only_when_the_network_owns_it():
+    """In a whole network's inference forward, block ends add into the residual's storage (as
+    torch.compile's freezing does); the caller's tensors, a block called on its own, and any
+    tensor a hook could hold are never written."""
+    torch.manual_seed(0)
+    model = resnet_fast.resnet50().eval()
+    with resnet_fast.use_backend("eager"):
+        ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    x_before = x.clone()
+    with torch.no_grad():
+        out = model(x)
+        expected = ref(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(x, x_before)
+    # A block on its own leaves its input alone.
+    block = model.layer2[1]
+    inp = torch.randn(2, 512, 8, 8).contiguous(memory_format=torch.channels_last)
+    kept = inp.clone()
+    with torch.no_grad():
+        block(inp)
+    assert torch.equal(inp, kept)
+    # A hook that keeps block outputs sees them as they were produced.
+    seen = {}
+
+    def keep(module, inputs, output):
+        seen.setdefault("out", (output, output.clone()))
+
+    handle = model.layer1[1].register_forward_hook(keep)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    handle.remove()
+    kept_tensor, snapshot = seen["out"]
+    assert torch.equal(kept_tensor, snapshot)
