@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--milestones", type=fraction_list, default=None,
                    help="step schedule: lr / 10 at these fractions of the run (default 0.5,0.75 = 32k,48k of 64k)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"lr {WARMUP_LR} until the training error < {WARMUP_ERROR:.0%} (default: nets of {WARMUP_MIN_LAYERS}+ layers)")
+                   help=f"lr {WARMUP_LR} until the training error < {WARMUP_ERROR:.0%}% (default: nets of {WARMUP_MIN_LAYERS}+ layers)")
     p.add_argument("--plateau-patience", type=int, default=None, help="imagenet: epochs without improvement (5)")
     p.add_argument("--val-size", type=int, default=None, help="training images held out for validation (cifar10: 5000)")
     p.add_argument("--crop-size", type=int, default=None, help="imagenet 224")

@@ -90,6 +90,17 @@ def test_plateau_divides_lr_by_10_after_patience_epochs():
     assert s2.lr(0) == s.lr(0) and s2.best == s.best
 
 
+@pytest.mark.parametrize("module", ["resnet_fast.train", "resnet_fast.evaluate"])
+def test_help_prints_the_options(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--data-dir" in out and "--out" in out
+
+
 def test_bad_configurations_are_refused():
     for argv, message in (
         (["--batch-size", "1"], "at least 2"),
