@@ -595,6 +595,9 @@ def run(argv: Sequence[str] | None = None) -> int:
                 if world_size > 1:
                     stats = all_reduce_cpu(stats, device)
                 schedule.after_iteration(iteration, float(stats[0] / stats[1]))
+                if not schedule.warming and main_process:
+                    bar.write(f"warm-up over after {schedule.warmup_ended_at} iterations (training error below "
+                              f"{WARMUP_ERROR:.0%}): lr {schedule.lr(iteration + 1):g} from now on")
             iteration += 1
             bar.update(1)
             if bar.disable is False and step % 5 == 0:
