@@ -70,6 +70,29 @@ def _offsets(n, h, w, c, sN, sC, sH, sW):
 
 
 @triton.jit
+def _tile_offsets(m, c, C, HW, W, sN, sC, sH, sW, IS_CL: tl.constexpr):
+    """Offsets of rows m, channels c. A dense channels_last tensor needs no division: m * C + c."""
+    if IS_CL:
+        return (m * C)[:, None] + c[None, :]
+    n = m // HW
+    hw = m - n * HW
+    h = hw // W
+    return _offsets(n, h, hw - h * W, c, sN, sC, sH, sW)
+
+
+@triton.jit
+def _residual_rows(r_ptr, m, c, mask, C, HW, W, Cr, rsN, rsC, rsH, rsW, RS, R_DENSE: tl.constexpr):
+    """The residual at rows m, channels c: read like the output when it is a dense
+    channels_last tensor of the output's shape, else through its strides (option A too)."""
+    if R_DENSE:
+        return tl.load(r_ptr + (m * C)[:, None] + c[None, :], mask=mask, other=0.0)
+    n = m // HW
+    hw = m - n * HW
+    h = hw // W
+    return _residual(r_ptr, n, h, hw - h * W, c, mask, Cr, rsN, rsC, rsH, rsW, RS)
+
+
+@triton.jit
 def _residual(r_ptr, n, h, w, c, mask, Cr, rsN, rsC, rsH, rsW, RS):
     """r[n, c, h * RS, w * RS] for c < Cr, 0 beyond: identity, projection or option A in place."""
     off = (n * rsN + (h * RS) * rsH + (w * RS) * rsW)[:, None] + (c * rsC)[None, :]
@@ -99,9 +122,9 @@ def _stats_kernel(
     m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
     first = pid_m.to(tl.int64) * ROWS
     for start in range(first, tl.minimum(first + ROWS, M), BLOCK_M):
-        m, n, h, w = _rows(start, M, HW, W, BLOCK_M)
+        m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         mask = (m < M)[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + _offsets(n, h, w, c, sN, sC, sH, sW), mask=mask, other=0.0).to(acc_t)
+        x = tl.load(x_ptr + _tile_offsets(m, c, C, HW, W, sN, sC, sH, sW, IS_CL), mask=mask, other=0.0).to(acc_t)
         nb_acc = tl.minimum(M - start, BLOCK_M).to(acc_t)
         mb_acc = tl.sum(x, axis=0) / nb_acc
         d = tl.where(mask, x - mb_acc[None, :], 0.0)
@@ -169,25 +192,26 @@ def _affine_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C, eps
 def _apply_kernel(
     x_ptr, y_ptr, r_ptr, scale_ptr, shift_ptr, M, C, HW, W,
     sN, sC, sH, sW, ysN, ysC, ysH, ysW, Cr, rsN, rsC, rsH, rsW, RS,
-    IS_CL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    IS_CL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, R_DENSE: tl.constexpr,
+    RELU: tl.constexpr, FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """y = act(x * scale + shift + r). Without HAS_SCALE, scale is 1 (the inference epilogue:
-    shift is the folded bias)."""
+    shift is the folded bias). IS_CL: x and y are dense channels_last (offsets m * C + c)."""
     acc_t: tl.constexpr = tl.float64 if FP64 else tl.float32
-    m, n, h, w = _rows(tl.program_id(0).to(tl.int64) * BLOCK_M, M, HW, W, BLOCK_M)
+    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cmask = c < C
     mask = (m < M)[:, None] & cmask[None, :]
-    v = tl.load(x_ptr + _offsets(n, h, w, c, sN, sC, sH, sW), mask=mask, other=0.0).to(acc_t)
+    v = tl.load(x_ptr + _tile_offsets(m, c, C, HW, W, sN, sC, sH, sW, IS_CL), mask=mask, other=0.0).to(acc_t)
     if HAS_SCALE:
         v = v * tl.load(scale_ptr + c, mask=cmask, other=0.0).to(acc_t)[None, :]
     v = v + tl.load(shift_ptr + c, mask=cmask, other=0.0).to(acc_t)[None, :]
     if HAS_RESIDUAL:
-        v = v + _residual(r_ptr, n, h, w, c, mask, Cr, rsN, rsC, rsH, rsW, RS).to(acc_t)
+        v = v + _residual_rows(r_ptr, m, c, mask, C, HW, W, Cr, rsN, rsC, rsH, rsW, RS, R_DENSE).to(acc_t)
     if RELU:
         v = tl.where(v < 0.0, 0.0, v)  # NaN passes, as torch.relu
-    tl.store(y_ptr + _offsets(n, h, w, c, ysN, ysC, ysH, ysW), v.to(y_ptr.dtype.element_ty), mask=mask)
+    y_off = _tile_offsets(m, c, C, HW, W, ysN, ysC, ysH, ysW, IS_CL)
+    tl.store(y_ptr + y_off, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,9 +238,9 @@ def _backward_reduce_kernel(
     dot = tl.zeros([BLOCK_C], dtype=acc_t)
     first = pid_m.to(tl.int64) * ROWS
     for start in range(first, tl.minimum(first + ROWS, M), BLOCK_M):
-        m, n, h, w = _rows(start, M, HW, W, BLOCK_M)
+        m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         mask = (m < M)[:, None] & cmask[None, :]
-        off = _offsets(n, h, w, c, sN, sC, sH, sW)
+        off = _tile_offsets(m, c, C, HW, W, sN, sC, sH, sW, IS_CL)
         dz = tl.load(dy_ptr + off, mask=mask, other=0.0).to(acc_t)
         if RELU:
             y = tl.load(y_ptr + off, mask=mask, other=0.0).to(acc_t)
@@ -270,11 +294,11 @@ def _backward_apply_kernel(
     """dx = (dz - a - (x - mean) * k) * scale. ``g`` is dz itself (RELU False: already masked,
     or no ReLU) or dy (RELU True: masked here by y > 0)."""
     acc_t: tl.constexpr = tl.float64 if FP64 else tl.float32
-    m, n, h, w = _rows(tl.program_id(0).to(tl.int64) * BLOCK_M, M, HW, W, BLOCK_M)
+    m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cmask = c < C
     mask = (m < M)[:, None] & cmask[None, :]
-    off = _offsets(n, h, w, c, sN, sC, sH, sW)
+    off = _tile_offsets(m, c, C, HW, W, sN, sC, sH, sW, IS_CL)
     dz = tl.load(g_ptr + off, mask=mask, other=0.0).to(acc_t)
     if RELU:
         y = tl.load(y_ptr + off, mask=mask, other=0.0).to(acc_t)
@@ -322,7 +346,7 @@ def _zero_pad_backward_kernel(
 
 
 _stats = _tuned(_stats_kernel, ["M", "C", "IS_CL"])
-_apply = _tuned(_apply_kernel, ["M", "C", "IS_CL", "HAS_RESIDUAL"])
+_apply = _tuned(_apply_kernel, ["M", "C", "IS_CL", "HAS_RESIDUAL", "R_DENSE"])
 _backward_reduce = _tuned(_backward_reduce_kernel, ["M", "C", "IS_CL", "WRITE_DZ"])
 _backward_apply = _tuned(_backward_apply_kernel, ["M", "C", "IS_CL"])
 _zero_pad = _tuned(_zero_pad_kernel, ["M", "C", "IS_CL"])
@@ -344,7 +368,12 @@ def _like(x: Tensor) -> Tensor:
 
 
 def _is_cl(t: Tensor) -> bool:
-    return t.stride(1) == 1 and t.shape[1] > 1
+    """Dense channels_last: element (m, c) of the (N*H*W, C) view sits at m * C + c."""
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _r_dense(residual: Tensor | None, x: Tensor, stride: int) -> bool:
+    return residual is not None and stride == 1 and residual.shape == x.shape and _is_cl(residual) and _is_cl(x)
 
 
 def _grid2(M: int, C: int):
@@ -400,7 +429,8 @@ def batch_norm_act(
     r = _residual_args(residual, x, residual_stride)
     _apply[_grid2(M, C)](
         x, y, r[0], scale, shift, M, C, H * W, W, *x.stride(), *y.stride(), *r[1:],
-        IS_CL=cl, HAS_SCALE=True, HAS_RESIDUAL=residual is not None, RELU=relu, FP64=fp64, **blocks,
+        IS_CL=cl, HAS_SCALE=True, HAS_RESIDUAL=residual is not None, R_DENSE=_r_dense(residual, x, residual_stride),
+        RELU=relu, FP64=fp64, **blocks,
     )
     return y, mean, var
 
@@ -413,7 +443,8 @@ def bias_act(x: Tensor, bias: Tensor, residual: Tensor | None, residual_stride: 
     r = _residual_args(residual, x, residual_stride)
     _apply[_grid2(N * H * W, C)](
         x, y, r[0], bias, bias.contiguous(), N * H * W, C, H * W, W, *x.stride(), *y.stride(), *r[1:],
-        IS_CL=_is_cl(x), HAS_SCALE=False, HAS_RESIDUAL=residual is not None, RELU=relu,
+        IS_CL=_is_cl(x), HAS_SCALE=False, HAS_RESIDUAL=residual is not None,
+        R_DENSE=_r_dense(residual, x, residual_stride), RELU=relu,
         FP64=x.dtype == torch.float64, **_interpret_blocks(x),
     )
     return y
