@@ -158,20 +158,35 @@ __global__ void affine_kernel(const acc_t* __restrict__ mean, const acc_t* __res
   shift[c] = static_cast<acc_t>(static_cast<double>(bias[c]) - static_cast<double>(mean[c]) * s);
 }
 
-// y = act(x * scale + shift + r); without a scale (nullptr) it is 1: the bias_act epilogue.
+// Channel of the element at memory offset i of a dense tensor (one division, not four).
+template <bool CL>
+__device__ __forceinline__ int64_t channel_of(int64_t i, int64_t C, int64_t HW) {
+  return CL ? i % C : (i / HW) % C;
+}
+
+// y = act(x * scale + shift + r); without a scale (nullptr) it is 1: the bias_act epilogue. A
+// residual laid out like y (r_flat) is read at the same offset; any other (a strided view, the
+// option-A shortcut) through its strides.
 template <typename scalar_t, bool CL, bool kRelu>
 __global__ void apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t numel, int64_t C,
                              int64_t H, int64_t W, const acc_type<scalar_t>* __restrict__ scale,
                              const acc_type<scalar_t>* __restrict__ shift, const scalar_t* __restrict__ r, Strides4 rs,
-                             int64_t r_channels, int64_t r_stride) {
+                             int64_t r_channels, int64_t r_stride, bool r_flat) {
   using acc_t = acc_type<scalar_t>;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const Index4 p = decompose<CL>(i, C, H, W);
-    const acc_t res =
-        r != nullptr ? static_cast<acc_t>(zero_pad_shortcut_at(r, rs, r_channels, r_stride, p.n, p.c, p.h, p.w)) : acc_t(0);
-    const acc_t s = scale != nullptr ? scale[p.c] : acc_t(1);
-    y[i] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(x[i]), s, shift[p.c], res, kRelu));
+    int64_t c;
+    acc_t res = 0;
+    if (r != nullptr && !r_flat) {
+      const Index4 p = decompose<CL>(i, C, H, W);
+      c = p.c;
+      res = static_cast<acc_t>(zero_pad_shortcut_at(r, rs, r_channels, r_stride, p.n, p.c, p.h, p.w));
+    } else {
+      c = channel_of<CL>(i, C, H * W);
+      if (r != nullptr) res = static_cast<acc_t>(r[i]);
+    }
+    const acc_t s = scale != nullptr ? scale[c] : acc_t(1);
+    y[i] = static_cast<scalar_t>(bn_act_value<acc_t>(static_cast<acc_t>(x[i]), s, shift[c], res, kRelu));
   }
 }
 
@@ -234,7 +249,7 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t
   using acc_t = acc_type<scalar_t>;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = decompose<CL>(i, C, H, W).c;
+    const int64_t c = channel_of<CL>(i, C, H * W);
     const acc_t dz = bn_act_pre_grad<acc_t>(static_cast<acc_t>(g[i]), kMask ? static_cast<acc_t>(y[i]) : acc_t(1), kMask);
     dx[i] = static_cast<scalar_t>(bn_grad_input<acc_t>(dz, static_cast<acc_t>(x[i]) - mean[c], coef[c], coef[C + c], coef[2 * C + c]));
   }
@@ -248,6 +263,11 @@ int64_t reduction_ranges(int64_t M, int64_t channel_blocks) {
   const int64_t most = (M + 63) / 64;
   P = P < most ? P : most;
   return P > 0 ? P : 1;
+}
+
+// A residual with the output's shape, dense in the output's memory format: read at the same offset.
+bool residual_flat(const at::Tensor& r, const at::Tensor& x, int64_t stride, at::MemoryFormat fmt) {
+  return stride == 1 && r.sizes() == x.sizes() && r.is_contiguous(fmt);
 }
 
 template <typename F>
@@ -325,12 +345,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cuda(
     const scalar_t* rp = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     const Strides4 rs = residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
     const int64_t rc = residual.has_value() ? residual->size(1) : 0;
+    const bool r_flat = residual.has_value() && residual_flat(*residual, x, residual_stride, fmt);
     with_layout(cl, [&](auto kCL) {
       with_flag(relu, [&](auto kRelu) {
         apply_kernel<scalar_t, decltype(kCL)::value, decltype(kRelu)::value>
             <<<blocks_for(x.numel()), kThreads, 0, stream>>>(
                 x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(), C, H, W,
-                scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), rp, rs, rc, residual_stride);
+                scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), rp, rs, rc, residual_stride, r_flat);
       });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -421,12 +442,13 @@ at::Tensor bias_act_cuda(const at::Tensor& input, const at::Tensor& bias, const 
     const scalar_t* rp = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
     const Strides4 rs = residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
     const int64_t rc = residual.has_value() ? residual->size(1) : 0;
+    const bool r_flat = residual.has_value() && residual_flat(*residual, x, residual_stride, fmt);
     with_layout(cl, [&](auto kCL) {
       with_flag(relu, [&](auto kRelu) {
         apply_kernel<scalar_t, decltype(kCL)::value, decltype(kRelu)::value>
             <<<blocks_for(x.numel()), kThreads, 0, stream>>>(
                 x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(), x.size(1), x.size(2),
-                x.size(3), nullptr, b.const_data_ptr<acc_t>(), rp, rs, rc, residual_stride);
+                x.size(3), nullptr, b.const_data_ptr<acc_t>(), rp, rs, rc, residual_stride, r_flat);
       });
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
