@@ -64,14 +64,23 @@ def test_batch_norm_act_fwd_bwd(benchmark, shape, residual, layout, dtype):
     grad = make(shape)
     bn = torch.nn.BatchNorm2d(c).to(dtype)
 
+    # In a network an activation's gradient is produced once, not accumulated over calls: the
+    # gradients are reset after every call, so that neither side pays an accumulation pass.
+    def reset():
+        x.grad = None
+        if r is not None:
+            r.grad = None
+
     def ours():
         bn_act(x, bn, residual=r, residual_stride=stride).backward(grad)
+        reset()
 
     def eager():  # what torchvision's block runs: BN, the (padded) shortcut added, ReLU
         y = bn(x)
         if r is not None:
             y = y + (reference.zero_pad_shortcut(r, c, stride) if stride != 1 else r)
         F.relu(y).backward(grad)
+        reset()
 
     label = f"batch_norm_act fwd+bwd {shape} {residual or ''} {layout} {str(dtype)[6:]}"
     compare(benchmark, label, x.numel(), ours, {"eager": eager},
