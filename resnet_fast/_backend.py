@@ -178,6 +178,13 @@ def use_backend(name: str):
         set_backend(previous)
 
 
+def ops_for(impl: str):
+    """The op namespace of an implementation from :func:`resolve`: the Triton ops
+    (``torch.ops.resnet_fast_triton``, defined in resnet_fast/triton/) or the C++/CUDA ones
+    (``torch.ops.resnet_fast``); both have the same schemas."""
+    return torch.ops.resnet_fast_triton if impl == "triton" else torch.ops.resnet_fast
+
+
 def resolve(op: str, device: torch.device) -> str:
     """The implementation that runs ``op`` on a tensor of ``device``: eager, cpu, cuda or triton.
     ``auto`` picks Triton for CUDA tensors (then the CUDA C++ kernels), the C++ kernels for CPU

@@ -398,12 +398,17 @@ def run(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def exit_code(run: Callable[[Sequence[str] | None], int], prog: str, argv: Sequence[str] | None) -> int:
+    """``run(argv)``, with bad input (a UsageError or DataError) printed as one line and exit code 2."""
     try:
         return run(argv)
     except (UsageError, D.DataError) as exc:
-        print(f"python -m resnet_fast.evaluate: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return exit_code(run, "python -m resnet_fast.evaluate", argv)
 
 
 if __name__ == "__main__":

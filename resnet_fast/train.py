@@ -41,6 +41,7 @@ from .evaluate import (
     CHECKPOINT_FORMAT,
     UsageError,
     atomic_write,
+    exit_code,
     load_checkpoint,
     make_predictor,
     pick_device,
@@ -672,10 +673,7 @@ def all_reduce_cpu(t: Tensor, device: torch.device) -> Tensor:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return run(argv)
-    except (UsageError, D.DataError) as exc:
-        print(f"python -m resnet_fast.train: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(run, "python -m resnet_fast.train", argv)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

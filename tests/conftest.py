@@ -41,6 +41,4 @@ def device_of(impl: str) -> str:
     return "cuda" if impl == "cuda" or (impl == "triton" and torch.cuda.is_available()) else "cpu"
 
 
-def ops_of(impl: str):
-    """The op namespace of an implementation."""
-    return torch.ops.resnet_fast_triton if impl == "triton" else torch.ops.resnet_fast
+ops_of = _backend.ops_for  # the op namespace of an implementation

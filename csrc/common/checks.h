@@ -5,10 +5,28 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "common/macros.h"
 
 namespace resnet_fast {
+
+// Arithmetic type of a kernel: float for float, half and bfloat16 inputs, double for double.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+inline at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Calls f(std::integral_constant<bool, flag>) so that a run-time flag picks a template instance.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
 
 inline Strides4 strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};

@@ -59,22 +59,6 @@ bool use_avx2() {
 #define RF_ISA(...) (cpu_generic::__VA_ARGS__)
 #endif
 
-// Calls f(std::integral_constant<bool, flag>) so that a run-time flag picks a template instance.
-template <typename F>
-void with_flag(bool flag, F&& f) {
-  if (flag)
-    f(std::true_type{});
-  else
-    f(std::false_type{});
-}
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 bool is_channels_last(at::MemoryFormat fmt) {
   return fmt == at::MemoryFormat::ChannelsLast;
 }

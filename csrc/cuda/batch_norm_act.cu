@@ -16,7 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <type_traits>
+#include <algorithm>
 
 #include "common/batch_norm_act.h"
 #include "common/checks.h"
@@ -30,13 +30,6 @@ using cuda::blocks_for;
 using cuda::decompose;
 using cuda::Index4;
 using cuda::kThreads;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 constexpr int kFast = 32, kSlow = 8;  // a reduction block is kFast x kSlow threads
 
@@ -257,12 +250,19 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t
 
 // ---- launchers -----------------------------------------------------------------------------
 
-// Number of row ranges of a reduction: enough blocks to fill the GPU, each range >= 64 rows.
-int64_t reduction_ranges(int64_t M, int64_t channel_blocks) {
-  int64_t P = (2048 + channel_blocks - 1) / channel_blocks;
-  const int64_t most = (M + 63) / 64;
-  P = P < most ? P : most;
-  return P > 0 ? P : 1;
+// The blocks of a reduction over M rows and C channels: enough to fill the GPU, each range of rows
+// at least 64 long. Block (p, j) reduces rows [p * rows, (p + 1) * rows) of its channels.
+struct ReductionGrid {
+  int64_t rows, ranges, channel_blocks;
+  dim3 grid() const { return dim3(static_cast<unsigned>(ranges), static_cast<unsigned>(channel_blocks)); }
+};
+
+template <bool CL>
+ReductionGrid reduction_grid(int64_t M, int64_t C) {
+  const int64_t channel_blocks = (C + Lanes<CL>::kChannels - 1) / Lanes<CL>::kChannels;
+  const int64_t P = std::max<int64_t>(1, std::min((2048 + channel_blocks - 1) / channel_blocks, (M + 63) / 64));
+  const int64_t rows = (M + P - 1) / P;
+  return {rows, (M + rows - 1) / rows, channel_blocks};
 }
 
 // A residual with the output's shape, dense in the output's memory format: read at the same offset.
@@ -270,21 +270,6 @@ bool residual_flat(const at::Tensor& r, const at::Tensor& x, int64_t stride, at:
   return stride == 1 && r.sizes() == x.sizes() && r.is_contiguous(fmt);
 }
 
-template <typename F>
-void with_layout(bool cl, F&& f) {
-  if (cl)
-    f(std::true_type{});
-  else
-    f(std::false_type{});
-}
-
-template <typename F>
-void with_flag(bool flag, F&& f) {
-  if (flag)
-    f(std::true_type{});
-  else
-    f(std::false_type{});
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cuda(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
@@ -317,15 +302,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "batch_norm_act_cuda_params", [&] {
       using param_t = scalar_t;
       if (training) {
-        with_layout(cl, [&](auto kCL) {
+        with_flag(cl, [&](auto kCL) {
           constexpr bool CL = decltype(kCL)::value;
-          const int64_t channel_blocks = (C + Lanes<CL>::kChannels - 1) / Lanes<CL>::kChannels;
-          const int64_t P = reduction_ranges(M, channel_blocks), rows = (M + P - 1) / P;
-          const int64_t ranges = (M + rows - 1) / rows;
+          const ReductionGrid g = reduction_grid<CL>(M, C);
+          const int64_t ranges = g.ranges, rows = g.rows;
           at::Tensor pmean = at::empty({ranges, C}, x.options().dtype(at::kDouble));
           at::Tensor pm2 = at::empty({ranges, C}, x.options().dtype(at::kDouble));
-          const dim3 grid(static_cast<unsigned>(ranges), static_cast<unsigned>(channel_blocks));
-          stats_partial_kernel<x_t, CL><<<grid, dim3(kFast, kSlow), 0, stream>>>(
+          stats_partial_kernel<x_t, CL><<<g.grid(), dim3(kFast, kSlow), 0, stream>>>(
               x.const_data_ptr<x_t>(), M, C, H * W, rows, pmean.mutable_data_ptr<double>(),
               pm2.mutable_data_ptr<double>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -346,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cuda(
     const Strides4 rs = residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
     const int64_t rc = residual.has_value() ? residual->size(1) : 0;
     const bool r_flat = residual.has_value() && residual_flat(*residual, x, residual_stride, fmt);
-    with_layout(cl, [&](auto kCL) {
+    with_flag(cl, [&](auto kCL) {
       with_flag(relu, [&](auto kRelu) {
         apply_kernel<scalar_t, decltype(kCL)::value, decltype(kRelu)::value>
             <<<blocks_for(x.numel()), kThreads, 0, stream>>>(
@@ -390,16 +373,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
       using acc_t = acc_type<scalar_t>;
       const scalar_t* yp = relu ? y.const_data_ptr<scalar_t>() : nullptr;
       scalar_t* dzp = residual_grad ? dz.mutable_data_ptr<scalar_t>() : nullptr;
-      with_layout(cl, [&](auto kCL) {
+      with_flag(cl, [&](auto kCL) {
         constexpr bool CL = decltype(kCL)::value;
-        const int64_t channel_blocks = (C + Lanes<CL>::kChannels - 1) / Lanes<CL>::kChannels;
-        const int64_t P = reduction_ranges(M, channel_blocks), rows = (M + P - 1) / P;
-        const int64_t ranges = (M + rows - 1) / rows;
+        const ReductionGrid rg = reduction_grid<CL>(M, C);
+        const int64_t ranges = rg.ranges, rows = rg.rows;
         at::Tensor psum = at::empty({ranges, C}, x.options().dtype(at::kDouble));
         at::Tensor pdot = at::empty({ranges, C}, x.options().dtype(at::kDouble));
-        const dim3 grid(static_cast<unsigned>(ranges), static_cast<unsigned>(channel_blocks));
         with_flag(relu, [&](auto kRelu) {
-          grad_sums_kernel<scalar_t, CL, decltype(kRelu)::value><<<grid, dim3(kFast, kSlow), 0, stream>>>(
+          grad_sums_kernel<scalar_t, CL, decltype(kRelu)::value><<<rg.grid(), dim3(kFast, kSlow), 0, stream>>>(
                   dy.const_data_ptr<scalar_t>(), yp, x.const_data_ptr<scalar_t>(), m.const_data_ptr<acc_t>(), dzp, M, C,
                   H * W, rows, psum.mutable_data_ptr<double>(), pdot.mutable_data_ptr<double>());
         });
@@ -443,7 +424,7 @@ at::Tensor bias_act_cuda(const at::Tensor& input, const at::Tensor& bias, const 
     const Strides4 rs = residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
     const int64_t rc = residual.has_value() ? residual->size(1) : 0;
     const bool r_flat = residual.has_value() && residual_flat(*residual, x, residual_stride, fmt);
-    with_layout(cl, [&](auto kCL) {
+    with_flag(cl, [&](auto kCL) {
       with_flag(relu, [&](auto kRelu) {
         apply_kernel<scalar_t, decltype(kCL)::value, decltype(kRelu)::value>
             <<<blocks_for(x.numel()), kThreads, 0, stream>>>(

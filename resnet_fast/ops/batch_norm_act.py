@@ -39,7 +39,7 @@ def batch_norm_act(
     if training and x.dim() == 4 and x.numel() > 0 and x.shape[0] * x.shape[2] * x.shape[3] == 1:
         # The same error (type and words) as torch.nn.functional.batch_norm.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    y, mean, var = namespace(impl).batch_norm_act(
+    y, mean, var = _backend.ops_for(impl).batch_norm_act(
         x,
         weight,
         bias,
@@ -59,12 +59,6 @@ def batch_norm_act(
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1 - momentum).add_((var * (n / max(n - 1, 1))).to(running_var.dtype), alpha=momentum)
     return y
-
-
-def namespace(impl: str):
-    """The op namespace of an implementation: the C++/CUDA kernels (``resnet_fast``) or the
-    Triton ones (``resnet_fast_triton``, same schemas, defined in resnet_fast/triton/)."""
-    return torch.ops.resnet_fast_triton if impl == "triton" else torch.ops.resnet_fast
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:

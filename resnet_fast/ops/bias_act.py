@@ -25,8 +25,7 @@ def bias_act(x: Tensor, bias: Tensor, residual: Tensor | None = None, relu: bool
         if residual is not None and (residual_stride != 1 or residual.shape[1] != x.shape[1]):
             residual = reference.zero_pad_shortcut(residual, x.shape[1], residual_stride)
         return reference.bias_act(x, bias, residual, relu)
-    ops = torch.ops.resnet_fast_triton if impl == "triton" else torch.ops.resnet_fast
-    return ops.bias_act(x, bias, residual, residual_stride, relu)
+    return _backend.ops_for(impl).bias_act(x, bias, residual, residual_stride, relu)
 
 
 def register(ns: str) -> None:

@@ -19,8 +19,7 @@ def zero_pad_shortcut(x: Tensor, out_channels: int, stride: int) -> Tensor:
     impl = _backend.resolve("zero_pad_shortcut", x.device)
     if impl == "eager":
         return reference.zero_pad_shortcut(x, out_channels, stride)
-    ops = torch.ops.resnet_fast_triton if impl == "triton" else torch.ops.resnet_fast
-    return ops.zero_pad_shortcut(x, out_channels, stride)
+    return _backend.ops_for(impl).zero_pad_shortcut(x, out_channels, stride)
 
 
 def _out_size(size: int, stride: int) -> int:

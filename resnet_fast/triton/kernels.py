@@ -46,8 +46,7 @@ def _interpret_blocks(x: Tensor) -> dict:
     if not INTERPRET:
         return {}
     # Large tiles: the interpreter's cost is per program.
-    cl = x.stride(1) == 1 and x.shape[1] > 1
-    return {"BLOCK_M": 64, "BLOCK_C": 32} if cl else {"BLOCK_M": 256, "BLOCK_C": 8}
+    return {"BLOCK_M": 64, "BLOCK_C": 32} if _is_cl(x) else {"BLOCK_M": 256, "BLOCK_C": 8}
 
 
 # ------------------------------------------------------------------------------------------
@@ -67,6 +66,24 @@ def _rows(start, M, HW, W, BLOCK_M: tl.constexpr):
 @triton.jit
 def _offsets(n, h, w, c, sN, sC, sH, sW):
     return (n * sN + h * sH + w * sW)[:, None] + (c * sC)[None, :]
+
+
+@triton.jit
+def _chan_merge(count, mean, m2, nb, mb, m2b):
+    """Chan's merge of (count, mean, m2) with another set's (nb, mb, m2b)."""
+    total = count + nb
+    delta = mb - mean
+    return total, mean + delta * (nb / total), m2 + m2b + delta * delta * (count * nb / total)
+
+
+@triton.jit
+def _store_scale_shift(scale_ptr, shift_ptr, w_ptr, b_ptr, mean, var, c, cmask, eps, acc_t: tl.constexpr):
+    """scale = weight / sqrt(var + eps), shift = bias - mean * scale."""
+    weight = tl.load(w_ptr + c, mask=cmask, other=1.0).to(acc_t)
+    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(acc_t)
+    scale = weight / tl.sqrt(var + eps)
+    tl.store(scale_ptr + c, scale, mask=cmask)
+    tl.store(shift_ptr + c, bias - mean * scale, mask=cmask)
 
 
 @triton.jit
@@ -129,13 +146,7 @@ def _stats_kernel(
         mb_acc = tl.sum(x, axis=0) / nb_acc
         d = tl.where(mask, x - mb_acc[None, :], 0.0)
         m2b = tl.sum(d * d, axis=0).to(tl.float64)
-        nb = nb_acc.to(tl.float64)
-        mb = mb_acc.to(tl.float64)
-        total = count + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / total)
-        m2 = m2 + m2b + delta * delta * (count * nb / total)
-        count = total
+        count, mean, m2 = _chan_merge(count, mean, m2, nb_acc.to(tl.float64), mb_acc.to(tl.float64), m2b)
     tl.store(pmean_ptr + pid_m * C + c, mean, mask=cmask)
     tl.store(pm2_ptr + pid_m * C + c, m2, mask=cmask)
 
@@ -157,20 +168,12 @@ def _stats_finalize_kernel(
         nb = tl.minimum(M - p * ROWS, ROWS).to(tl.float64)
         mb = tl.load(pmean_ptr + p * C + c, mask=cmask, other=0.0)
         m2b = tl.load(pm2_ptr + p * C + c, mask=cmask, other=0.0)
-        total = count + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / total)
-        m2 = m2 + m2b + delta * delta * (count * nb / total)
-        count = total
+        count, mean, m2 = _chan_merge(count, mean, m2, nb, mb, m2b)
     var = tl.where(cmask, m2 / count, 1.0).to(acc_t)  # (1 in the lanes past C: no 0/0 there)
     mean = mean.to(acc_t)
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(var_ptr + c, var, mask=cmask)
-    weight = tl.load(w_ptr + c, mask=cmask, other=1.0).to(acc_t)
-    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(acc_t)
-    scale = weight / tl.sqrt(var + eps)
-    tl.store(scale_ptr + c, scale, mask=cmask)
-    tl.store(shift_ptr + c, bias - mean * scale, mask=cmask)
+    _store_scale_shift(scale_ptr, shift_ptr, w_ptr, b_ptr, mean, var, c, cmask, eps, acc_t)
 
 
 @triton.jit
@@ -181,11 +184,7 @@ def _affine_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C, eps
     cmask = c < C
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(acc_t)
     var = tl.load(var_ptr + c, mask=cmask, other=1.0).to(acc_t)
-    weight = tl.load(w_ptr + c, mask=cmask, other=1.0).to(acc_t)
-    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(acc_t)
-    scale = weight / tl.sqrt(var + eps)
-    tl.store(scale_ptr + c, scale, mask=cmask)
-    tl.store(shift_ptr + c, bias - mean * scale, mask=cmask)
+    _store_scale_shift(scale_ptr, shift_ptr, w_ptr, b_ptr, mean, var, c, cmask, eps, acc_t)
 
 
 @triton.jit
