@@ -28,7 +28,7 @@ def test_zero_pad_shortcut_fwd_bwd(benchmark):
         x.numel(),
         run(resnet_fast.ops.zero_pad_shortcut),
         {"eager": run(reference.zero_pad_shortcut)},
-        pairs=20,
+        pairs=60,
         rounds=20,
     )
 
@@ -84,4 +84,4 @@ def test_batch_norm_act_fwd_bwd(benchmark, shape, residual, layout, dtype):
 
     label = f"batch_norm_act fwd+bwd {shape} {residual or ''} {layout} {str(dtype)[6:]}"
     compare(benchmark, label, x.numel(), ours, {"eager": eager},
-            pairs=10, rounds=10)
+            pairs=60, rounds=10)

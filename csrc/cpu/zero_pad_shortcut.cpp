@@ -1,5 +1,7 @@
 // CPU kernels of the option-A shortcut. Output element order follows the output's memory
 // format, so both NCHW and channels_last write memory sequentially.
+#include <cstring>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,9 +21,40 @@ bool dense_channels_last(const at::Tensor& t) {
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
 }
 
-// Output rows: a channels_last output is written pixel by pixel (C contiguous values), an NCHW
-// one row by row (W contiguous values). The shared helpers give each row's source; the inner
-// loops copy with a fixed step.
+// Both kernels walk their output in memory order, one parallel task per range of output rows
+// (channels_last: an image row of W pixels x C channels; NCHW: one channel's plane), with the
+// source addressed through the input's strides. The zero parts are memset, the copied parts
+// are contiguous runs where the source allows (memcpy) and strided loops otherwise.
+
+template <typename T>
+void copy_strided(T* __restrict__ d, const T* __restrict__ s, int64_t n, int64_t step) {
+  if (step == 1) {
+    std::memcpy(d, s, n * sizeof(T));
+  } else {
+    for (int64_t i = 0; i < n; ++i) d[i] = s[i * step];
+  }
+}
+
+template <typename T>
+void zero(T* d, int64_t n) {
+  std::memset(static_cast<void*>(d), 0, n * sizeof(T));  // +0.0 in every floating type
+}
+
+// grad_x's row of W values (stride > 1): src[k * step] at w = k * stride, zeros between.
+template <typename T>
+void spread_row(T* __restrict__ d, const T* __restrict__ s, int64_t W, int64_t stride, int64_t step) {
+  if (stride == 2 && step == 1) {
+    int64_t k = 0;
+    for (; 2 * k + 1 < W; ++k) {
+      d[2 * k] = s[k];
+      d[2 * k + 1] = T(0.0f);
+    }
+    if (2 * k < W) d[2 * k] = s[k];
+    return;
+  }
+  zero(d, W);
+  for (int64_t k = 0; k * stride < W; ++k) d[k * stride] = s[k * step];
+}
 
 at::Tensor zero_pad_shortcut_cpu(const at::Tensor& x, int64_t out_channels, int64_t stride) {
   check_zero_pad_shortcut_args(x, out_channels, stride);
@@ -33,30 +66,30 @@ at::Tensor zero_pad_shortcut_cpu(const at::Tensor& x, int64_t out_channels, int6
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "zero_pad_shortcut_cpu", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    const scalar_t zero = static_cast<scalar_t>(0.0f);
     if (dense_channels_last(out)) {
-      at::parallel_for(0, N * Ho * Wo, std::max<int64_t>(1, kGrainSize / out_channels), [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t w = p % Wo, h = (p / Wo) % Ho, n = p / (Wo * Ho);
-          const scalar_t* s = src + zero_pad_shortcut_source(xs, Cin, stride, n, 0, h, w);
-          scalar_t* d = dst + p * out_channels;
-          for (int64_t c = 0; c < Cin; ++c) d[c] = s[c * xs.c];
-          std::fill(d + Cin, d + out_channels, zero);
+      const int64_t row = Wo * out_channels;  // one output image row
+      at::parallel_for(0, N * Ho, std::max<int64_t>(1, kGrainSize / row), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t n = r / Ho, h = r % Ho;
+          scalar_t* d = dst + r * row;
+          for (int64_t w = 0; w < Wo; ++w, d += out_channels) {
+            copy_strided(d, src + zero_pad_shortcut_source(xs, Cin, stride, n, 0, h, w), Cin, xs.c);
+            zero(d + Cin, out_channels - Cin);
+          }
         }
       });
     } else {
-      const int64_t step = stride * xs.w;
-      at::parallel_for(0, N * out_channels * Ho, std::max<int64_t>(1, kGrainSize / Wo), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t h = r % Ho, c = (r / Ho) % out_channels, n = r / (Ho * out_channels);
-          const int64_t off = zero_pad_shortcut_source(xs, Cin, stride, n, c, h, 0);
-          scalar_t* d = dst + r * Wo;
-          if (off < 0) {
-            std::fill(d, d + Wo, zero);
-          } else {
-            const scalar_t* s = src + off;
-            for (int64_t w = 0; w < Wo; ++w) d[w] = s[w * step];
+      const int64_t plane = Ho * Wo, step = stride * xs.w;
+      at::parallel_for(0, N * out_channels, std::max<int64_t>(1, kGrainSize / plane), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n = p / out_channels, c = p % out_channels;
+          scalar_t* d = dst + p * plane;
+          if (c >= Cin) {
+            zero(d, plane);
+            continue;
           }
+          for (int64_t h = 0; h < Ho; ++h, d += Wo)
+            copy_strided(d, src + zero_pad_shortcut_source(xs, Cin, stride, n, c, h, 0), Wo, step);
         }
       });
     }
@@ -73,29 +106,37 @@ at::Tensor zero_pad_shortcut_backward_cpu(const at::Tensor& grad_out, at::IntArr
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "zero_pad_shortcut_backward_cpu", [&] {
     const scalar_t* src = grad_out.const_data_ptr<scalar_t>();
     scalar_t* dst = grad_x.mutable_data_ptr<scalar_t>();
-    const scalar_t zero = static_cast<scalar_t>(0.0f);
     if (dense_channels_last(grad_x)) {
-      at::parallel_for(0, N * H * W, std::max<int64_t>(1, kGrainSize / C), [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t w = p % W, h = (p / W) % H, n = p / (W * H);
-          const int64_t off = zero_pad_shortcut_grad_source(gs, stride, n, 0, h, w);
-          scalar_t* d = dst + p * C;
-          if (off < 0) {
-            std::fill(d, d + C, zero);
-          } else {
-            for (int64_t c = 0; c < C; ++c) d[c] = src[off + c * gs.c];
+      const int64_t row = W * C;
+      at::parallel_for(0, N * H, std::max<int64_t>(1, kGrainSize / row), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t n = r / H, h = r % H;
+          scalar_t* d = dst + r * row;
+          if (h % stride != 0) {
+            zero(d, row);
+            continue;
+          }
+          for (int64_t w = 0; w < W; ++w, d += C) {
+            if (w % stride != 0) {
+              zero(d, C);
+            } else {
+              copy_strided(d, src + zero_pad_shortcut_grad_source(gs, stride, n, 0, h, w), C, gs.c);
+            }
           }
         }
       });
     } else {
-      at::parallel_for(0, N * C * H, std::max<int64_t>(1, kGrainSize / W), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t h = r % H, c = (r / H) % C, n = r / (H * C);
-          const int64_t off = zero_pad_shortcut_grad_source(gs, stride, n, c, h, 0);
-          scalar_t* d = dst + r * W;
-          std::fill(d, d + W, zero);
-          if (off >= 0) {
-            for (int64_t k = 0; k * stride < W; ++k) d[k * stride] = src[off + k * gs.w];
+      const int64_t plane = H * W;
+      at::parallel_for(0, N * C, std::max<int64_t>(1, kGrainSize / plane), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n = p / C, c = p % C;
+          scalar_t* d = dst + p * plane;
+          for (int64_t h = 0; h < H; ++h, d += W) {
+            if (h % stride != 0) {
+              zero(d, W);
+            } else {
+              spread_row(d, src + zero_pad_shortcut_grad_source(gs, stride, n, c, h, 0), W, stride, gs.w);
+            }
           }
         }
       });

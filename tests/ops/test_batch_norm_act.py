@@ -203,6 +203,25 @@ def test_large_channel_and_batch_counts_are_accurate(impl):
         torch.testing.assert_close(var.double(), xd.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
 
 
+@requires_extension
+@pytest.mark.parametrize("shape", [(70, 700, 5, 5), (3, 5, 31, 31), (40, 16, 8, 8)])
+def test_small_nchw_planes_backward_in_memory_order(shape):
+    # The CPU backward reads small NCHW planes in memory order: channel chunks (700 x 25 values
+    # exceed one chunk), ranges of images per task (40 x 16 x 64 values: two on two threads), lanes
+    # folded every 32 images.
+    n, c, h, w = shape
+    x = make(shape, torch.float32, "contiguous") * 3 + 50
+    r = make((n, c // 2, 2 * h, 2 * w), torch.float32, "contiguous")
+    wt, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    grad = torch.randn(shape, dtype=torch.float64)
+    ours = run(batch_norm_act, x, wt, b, rm, rv, True, r, True, 2, grad)
+    exact = run(None, x.double(), wt.double(), b.double(), rm.double(), rv.double(), True, r.double(), True, 2, grad)
+    names = ["y", "running_mean", "running_var", "grad_x", "grad_weight", "grad_bias", "grad_residual"]
+    for name, o, ex in zip(names, ours, exact):
+        torch.testing.assert_close(o.double(), ex, rtol=1e-4, atol=1e-4 * (ex.abs().max().item() + 1), msg=name)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_compiles_without_graph_break(impl):
     resnet_fast.set_backend(impl)
