@@ -27,10 +27,12 @@ TORCH_LIBRARY(resnet_fast, m) {
       "batch_norm_act(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, "
       "Tensor? residual, int residual_stride, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bias, grad_residual); grad_residual is the gradient of the
-  // full-size residual term (empty unless residual_grad). `output` is needed only with relu.
+  // full-size residual term (empty unless residual_grad). With relu, the ReLU mask comes from
+  // `output`, or, when output is None, from x through the forward's affine, which needs `bias`
+  // (the CPU kernel; the GPU kernels require output).
   m.def(
       "batch_norm_act_backward(Tensor grad_y, Tensor x, Tensor? output, Tensor weight, Tensor mean, Tensor var, "
-      "bool training, float eps, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool training, float eps, bool relu, bool residual_grad, Tensor? bias=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // The inference epilogue after a convolution with BatchNorm folded into its weights:
   // y = relu(x + bias[c] + r), the residual read as by batch_norm_act.
   m.def("bias_act(Tensor x, Tensor bias, Tensor? residual, int residual_stride, bool relu) -> Tensor");

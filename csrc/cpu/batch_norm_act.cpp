@@ -59,8 +59,36 @@ bool use_avx2() {
 #define RF_ISA(...) (cpu_generic::__VA_ARGS__)
 #endif
 
+// Calls f with the mask mode (kNoRelu / kMaskOutput / kMaskInput) as a compile-time constant.
+template <typename F>
+void with_mask(int mode, F&& f) {
+  if (mode == cpu_generic::kMaskInput)
+    f(std::integral_constant<int, cpu_generic::kMaskInput>{});
+  else if (mode == cpu_generic::kMaskOutput)
+    f(std::integral_constant<int, cpu_generic::kMaskOutput>{});
+  else
+    f(std::integral_constant<int, cpu_generic::kNoRelu>{});
+}
+
 bool is_channels_last(at::MemoryFormat fmt) {
   return fmt == at::MemoryFormat::ChannelsLast;
+}
+
+// The forward's per-channel affine: y = act(x * scale + shift + r). The backward recomputes it
+// (same function, same acc_t arithmetic) when it derives the ReLU mask from x.
+template <typename acc_t>
+void forward_scale_shift(const at::Tensor& weight, const at::Tensor& bias, const acc_t* mean, const acc_t* var,
+                         double eps, std::vector<acc_t>& scale, std::vector<acc_t>& shift) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
+  const int64_t C = w.numel();
+  scale.resize(C);
+  shift.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t invstd = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));
+    scale[c] = w.const_data_ptr<acc_t>()[c] * invstd;
+    shift[c] = b.const_data_ptr<acc_t>()[c] - mean[c] * scale[c];
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
@@ -94,13 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
       else
         RF_ISA(stats_nchw<scalar_t, acc_t>)(xp, N, C, H * W, mp, vp);
     }
-    const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
-    std::vector<acc_t> scale(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t invstd = acc_t(1) / std::sqrt(vp[c] + static_cast<acc_t>(eps));
-      scale[c] = w.const_data_ptr<acc_t>()[c] * invstd;
-      shift[c] = b.const_data_ptr<acc_t>()[c] - mp[c] * scale[c];
-    }
+    std::vector<acc_t> scale, shift;
+    forward_scale_shift(weight, bias, mp, vp, eps, scale, shift);
     ResidualView<scalar_t> r;
     if (residual.has_value()) {
       const at::Tensor& t = *residual;
@@ -122,11 +145,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& input, const std::optional<at::Tensor>& output,
     const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool relu,
-    bool residual_grad) {
+    bool residual_grad, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(input.dim() == 4 && grad_y.sizes() == input.sizes(), "batch_norm_act_backward: expected grad_y of shape ",
               input.sizes(), ", got ", grad_y.sizes());
-  TORCH_CHECK(!relu || (output.has_value() && output->sizes() == input.sizes()),
-              "batch_norm_act_backward: with relu=True the forward output is needed, of shape ", input.sizes());
+  TORCH_CHECK(!relu || (output.has_value() && output->sizes() == input.sizes()) ||
+                  (bias.has_value() && bias->numel() == input.size(1)),
+              "batch_norm_act_backward: with relu=True the forward output is needed, of shape ", input.sizes(),
+              " (or the bias, of ", input.size(1), " elements, to recompute the ReLU mask from x)");
+  // Without the output, the mask is recomputed from x: (x * scale + shift > 0) with the forward's
+  // scale and shift, the forward's own pre-activation bit for bit.
+  const bool mask_from_input = relu && !(output.has_value() && output->sizes() == input.sizes());
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   TORCH_CHECK(weight.numel() == C && mean.numel() == C && var.numel() == C,
               "batch_norm_act_backward: expected weight, mean and var of ", C, " elements");
@@ -134,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
               grad_y.scalar_type(), ", the input ", input.scalar_type());
   const auto fmt = input.suggest_memory_format();
   const at::Tensor x = input.contiguous(fmt), dy = grad_y.contiguous(fmt);
-  const at::Tensor y = relu ? output->contiguous(fmt) : at::Tensor();
+  const at::Tensor y = relu && !mask_from_input ? output->contiguous(fmt) : at::Tensor();
   at::Tensor dz = residual_grad ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
   const auto acc = acc_dtype(x);
@@ -147,18 +175,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
       const acc_t* mp = m.const_data_ptr<acc_t>();
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-      const scalar_t* yp = relu ? y.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* yp = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
+      std::vector<acc_t> fscale, fshift;  // the forward's, for a mask recomputed from x
+      if (mask_from_input) forward_scale_shift(weight, *bias, mp, v.const_data_ptr<acc_t>(), eps, fscale, fshift);
+      const acc_t *fs = fscale.data(), *fh = fshift.data();
+      const int mode = !relu ? cpu_generic::kNoRelu : mask_from_input ? cpu_generic::kMaskInput : cpu_generic::kMaskOutput;
       scalar_t* dzp = residual_grad ? dz.mutable_data_ptr<scalar_t>() : nullptr;
       std::vector<double> sum_dz(C), sum_dzxmu(C);
       const bool cl = is_channels_last(fmt);
       const int64_t M = N * H * W;
       double* sdz = sum_dz.data();
       double* sdx = sum_dzxmu.data();
-      with_flag(relu, [&](auto kRelu) {
+      with_mask(mode, [&](auto kMask) {
         if (cl)
-          RF_ISA(grad_sums_channels_last<kRelu, scalar_t, acc_t>)(dyp, yp, xp, mp, M, C, dzp, sdz, sdx);
+          RF_ISA(grad_sums_channels_last<kMask, scalar_t, acc_t>)(dyp, yp, xp, mp, fs, fh, M, C, dzp, sdz, sdx);
         else
-          RF_ISA(grad_sums_nchw<kRelu, scalar_t, acc_t>)(dyp, yp, xp, mp, N, C, H * W, dzp, sdz, sdx);
+          RF_ISA(grad_sums_nchw<kMask, scalar_t, acc_t>)(dyp, yp, xp, mp, fs, fh, N, C, H * W, dzp, sdz, sdx);
       });
       std::vector<acc_t> mean_dz(C, acc_t(0)), k(C, acc_t(0)), scale(C);
       acc_t* gw = grad_weight.mutable_data_ptr<acc_t>();
@@ -174,15 +206,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
         gb[c] = static_cast<acc_t>(sum_dz[c]);
       }
       scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-      // With dz written by pass 1, pass 2 reads it in place of dy and y.
+      // With dz written by pass 1, pass 2 reads it in place of dy and the mask.
       const scalar_t* g = dzp != nullptr ? dzp : dyp;
-      const bool mask = relu && dzp == nullptr;
       const acc_t *md = mean_dz.data(), *kk = k.data(), *sc = scale.data();
-      with_flag(mask, [&](auto kMask) {
+      with_mask(dzp != nullptr ? cpu_generic::kNoRelu : mode, [&](auto kMask) {
         if (cl)
-          RF_ISA(grad_input_channels_last<kMask, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, M, C, dxp);
+          RF_ISA(grad_input_channels_last<kMask, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, fs, fh, M, C, dxp);
         else
-          RF_ISA(grad_input_nchw<kMask, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, N, C, H * W, dxp);
+          RF_ISA(grad_input_nchw<kMask, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, fs, fh, N, C, H * W, dxp);
       });
     });
   }

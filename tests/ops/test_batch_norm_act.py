@@ -204,6 +204,40 @@ def test_large_channel_and_batch_counts_are_accurate(impl):
 
 
 @requires_extension
+@pytest.mark.parametrize("shape", [(6, 16, 8, 8), (2, 40, 33, 33), (3, 600, 2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+@pytest.mark.parametrize("training", [True, False])
+def test_relu_mask_from_input_equals_mask_from_output(shape, dtype, layout, training):
+    # Without the output, the CPU backward recomputes the ReLU mask from x through the forward's
+    # affine: every gradient must be bit for bit the one taken with the output's mask. Values are
+    # quantised so that many pre-activations sit exactly on or next to 0.
+    torch.manual_seed(1)
+    c = shape[1]
+    x = make(shape, dtype, layout)
+    x = (x * 4).round().div(4).to(dtype)
+    w, b = (torch.rand(c) + 0.5).to(dtype), torch.randn(c).to(dtype)
+    rm, rv = torch.randn(c).to(dtype), (torch.rand(c) + 0.5).to(dtype)
+    ops = torch.ops.resnet_fast
+    y, mean, var = ops.batch_norm_act(x, w, b, None if training else rm, None if training else rv, None, 1,
+                                      training, 1e-5, True)
+    assert 0.2 < (y == 0).double().mean().item() < 0.8
+    g = make(shape, dtype, layout)
+    with_output = ops.batch_norm_act_backward(g, x, y, w, mean, var, training, 1e-5, True, False)
+    from_input = ops.batch_norm_act_backward(g, x, None, w, mean, var, training, 1e-5, True, False, b)
+    for a, e in zip(from_input[:3], with_output[:3]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@requires_extension
+def test_relu_backward_without_output_or_bias_is_refused():
+    x = torch.randn(2, 3, 4, 4)
+    ones = torch.ones(3)
+    with pytest.raises(RuntimeError, match="forward output is needed"):
+        torch.ops.resnet_fast.batch_norm_act_backward(x, x, None, ones, ones, ones, True, 1e-5, True, False)
+
+
+@requires_extension
 @pytest.mark.parametrize("shape", [(70, 700, 5, 5), (3, 5, 31, 31), (40, 16, 8, 8)])
 def test_small_nchw_planes_backward_in_memory_order(shape):
     # The CPU backward reads small NCHW planes in memory order: channel chunks (700 x 25 values
