@@ -14,6 +14,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "common/batch_norm_act.h"
 #include "common/checks.h"
 
@@ -28,7 +32,9 @@ struct ResidualView {
 };
 
 namespace cpu_generic {
+#define RF_KERNEL_AVX2 0
 #include "cpu/batch_norm_act_kernels.inc"
+#undef RF_KERNEL_AVX2
 }  // namespace cpu_generic
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -36,7 +42,9 @@ namespace cpu_generic {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace cpu_avx2 {
+#define RF_KERNEL_AVX2 1
 #include "cpu/batch_norm_act_kernels.inc"
+#undef RF_KERNEL_AVX2
 }  // namespace cpu_avx2
 #pragma GCC pop_options
 #endif

@@ -229,6 +229,25 @@ def test_relu_mask_from_input_equals_mask_from_output(shape, dtype, layout, trai
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_and_inf_propagate_like_eager(impl, dtype):
+    # Eval mode, channels_last (the vectorised bfloat16 conversions): NaN stays NaN through the
+    # ReLU, +-inf saturate as in eager, and -0 / tiny values round as c10 rounds them.
+    dev = device_of(impl)
+    x = torch.randn(2, 32, 3, 5).to(dtype)
+    x[0, 3, 1, 2], x[1, 7, 0, 0], x[1, 30, 2, 4], x[0, 0, 0, 0] = float("nan"), float("inf"), -float("inf"), -0.0
+    x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (torch.rand(32) + 0.5).to(dtype), torch.randn(32).to(dtype)
+    rm, rv = torch.randn(32).to(dtype), (torch.rand(32) + 0.5).to(dtype)
+    y = ops_of(impl).batch_norm_act(on(dev, x), on(dev, w), on(dev, b), on(dev, rm), on(dev, rv), None, 1, False,
+                                    1e-5, True)[0].cpu()
+    expected = F.relu(F.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5))
+    assert y[0, 3, 1, 2].isnan() and y[1, 7, 0, 0] == float("inf") and y[1, 30, 2, 4] == 0
+    torch.testing.assert_close(y, expected, equal_nan=True, rtol=0.02 if dtype == torch.bfloat16 else 1e-5,
+                               atol=0.02 if dtype == torch.bfloat16 else 1e-5)
+
+
 @requires_extension
 def test_relu_backward_without_output_or_bias_is_refused():
     x = torch.randn(2, 3, 4, 4)
