@@ -135,14 +135,23 @@ def test_resnet50_training_batch16(benchmark):
 
 @pytest.mark.parametrize("arch, batch", [("resnet20", 128), ("resnet50", 16)])
 def test_training_peak_memory(benchmark, arch, batch):
-    """Peak memory of a training step: resnet_fast must need no more than eager PyTorch."""
+    """Peak memory of a training step: resnet_fast must need no more than eager PyTorch.
+
+    glibc's adaptive mmap threshold keeps freed buffers or hands them back depending on the order
+    of earlier frees, which moved each configuration's high-water mark by +-150 MiB from run to
+    run; with the threshold fixed at its 128 KiB default every buffer is mapped and unmapped
+    exactly when the tensor lives, so the peak is the step's own (repeatable to 0.1 MiB)."""
+    import os
     import subprocess
     import sys
 
     script = __file__.replace("test_models.py", "memory.py")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
 
     def peak(mode):
-        out = subprocess.run([sys.executable, script, mode, arch, str(batch)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, script, mode, arch, str(batch)], capture_output=True, text=True, check=True, env=env
+        )
         return float(out.stdout.strip())
 
     results = benchmark.pedantic(
@@ -150,4 +159,5 @@ def test_training_peak_memory(benchmark, arch, batch):
     )
     benchmark.extra_info.update({f"peak MiB {k}": v for k, v in results.items()})
     RESULTS_MEMORY.append((f"{arch} training step, batch {batch}", results))
-    assert results["resnet_fast"] <= 1.05 * min(results["eager_nchw"], results["eager_channels_last"]) + 16, results
+    # 2% + 4 MiB of slack: small per-op buffers (means, variances, weight casts) live in the heap.
+    assert results["resnet_fast"] <= 1.02 * min(results["eager_nchw"], results["eager_channels_last"]) + 4, results

@@ -60,13 +60,29 @@ def choose_layout(model: nn.Module) -> None:
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
 
 
-def to_internal_layout(x: Tensor) -> Tensor:
+_MKLDNN = torch.backends.mkldnn.is_available()  # (read once: torch.compile does not trace it)
+
+
+def to_internal_layout(x: Tensor, stem: nn.Conv2d) -> Tensor:
     """The layout the network runs in. The fused kernels are fastest on channels_last (oneDNN's
     convolutions too), so the stem switches to it whenever they run; the logits that come out are
-    the same 2-D tensor either way, so the caller never sees the difference."""
-    if not is_fx_tracing() and _backend.resolve("batch_norm_act", x.device) != "eager":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+    the same 2-D tensor either way, so the caller never sees the difference.
+
+    Training a float32 net on the CPU, the batch goes in as it is: oneDNN convolves an NCHW input
+    with the channels_last stem weights into a channels_last output, and no converted copy of the
+    batch stays alive as the stem's saved input (9.6 MB at ResNet-50 batch 16: the difference
+    between our peak memory and eager channels_last's)."""
+    if is_fx_tracing() or _backend.resolve("batch_norm_act", x.device) == "eager":
+        return x
+    if (
+        stem.training
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and stem.weight.is_contiguous(memory_format=torch.channels_last)
+        and _MKLDNN
+    ):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:

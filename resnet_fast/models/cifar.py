@@ -96,7 +96,7 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
-        x = to_internal_layout(x)
+        x = to_internal_layout(x, self.conv1)
         x = conv_bn_act(x, self.conv1, self.bn1)
         # The blocks' inputs are this forward's own tensors: block ends may reuse them.
         x = run_owning_residuals(self, lambda t: self.layer3(self.layer2(self.layer1(t))), x)

@@ -296,3 +296,18 @@ def test_torchvision_feature_extraction_traces_the_model():
         cifar = resnet_fast.resnet20().eval()  # the option-A shortcut traces too
         xc = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(create_feature_extractor(cifar, {"fc": "o"})(xc)["o"], cifar(xc), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not resnet_fast.extension_available(), reason="needs the compiled extension's CPU kernels")
+@pytest.mark.parametrize("training", [True, False])
+def test_an_nchw_batch_runs_channels_last_inside(training):
+    # The net runs channels_last whatever the caller's layout: in training the NCHW batch goes to
+    # the stem convolution as it is (no converted copy kept alive), whose output is channels_last.
+    model = resnet_fast.resnet18().train(training)
+    seen = []
+    model.layer1.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 3, 64, 64)
+    assert x.is_contiguous()
+    with torch.set_grad_enabled(training):
+        model(x)
+    assert seen == [True]
