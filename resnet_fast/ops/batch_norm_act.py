@@ -124,7 +124,8 @@ def register(ns: str) -> None:
             None,
         )
 
-    torch.library.register_autograd(f"{ns}::batch_norm_act", _backward, setup_context=_setup_context)
+    if ns != "resnet_fast":  # the extension's op has its autograd in C++ (csrc/autograd.cpp): same rules
+        torch.library.register_autograd(f"{ns}::batch_norm_act", _backward, setup_context=_setup_context)
 
     def _no_double_backward(ctx, *grads):
         raise RuntimeError(

@@ -1,0 +1,131 @@
+// Autograd of resnet_fast::batch_norm_act in C++, for the extension's own kernels (CPU and CUDA).
+// The same rules as the Python registration that the Triton ops use (resnet_fast/ops/
+// batch_norm_act.py, `register`), without Python on the path: a training step calls this op once
+// per BatchNorm, and the Python autograd function cost about 100 us per call forward + backward
+// (a third of a small op's time, e.g. the option-A block end of ResNet-20).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace resnet_fast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                            const at::Tensor& bias,
+                                                            const std::optional<at::Tensor>& running_mean,
+                                                            const std::optional<at::Tensor>& running_var,
+                                                            const std::optional<at::Tensor>& residual,
+                                                            int64_t residual_stride, bool training, double eps,
+                                                            bool relu) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resnet_fast::batch_norm_act", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&, int64_t, bool, double, bool)>();
+  return op.call(x, weight, bias, running_mean, running_var, residual, residual_stride, training, eps, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& output, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool relu, bool residual_grad,
+    const std::optional<at::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resnet_fast::batch_norm_act_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, double, bool, bool,
+                                 const std::optional<at::Tensor>&)>();
+  return op.call(grad_y, x, output, weight, mean, var, training, eps, relu, residual_grad, bias);
+}
+
+at::Tensor call_zero_pad_backward(const at::Tensor& grad, c10::SymIntArrayRef size, int64_t stride) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resnet_fast::zero_pad_shortcut_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, c10::SymIntArrayRef, int64_t)>();
+  return op.call(grad, size, stride);
+}
+
+class BatchNormAct : public torch::autograd::Function<BatchNormAct> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bias, const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual,
+                               int64_t residual_stride, bool training, double eps, bool relu) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, var] = call_forward(x, weight, bias, running_mean, running_var, residual, residual_stride,
+                                       training, eps, relu);
+    // Without a residual the CPU kernel recomputes the ReLU mask from x (the forward's affine, bit
+    // for bit): y is not kept.
+    const bool from_x = relu && !residual.has_value() && x.device().is_cpu();
+    ctx->save_for_backward({x, relu && !from_x ? y : at::Tensor(), weight, from_x ? bias : at::Tensor(), mean, var});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["has_residual"] = residual.has_value();
+    // needs_input_grad counts the tensor inputs that were given: x, weight, bias, then the
+    // running statistics where present (eval), then the residual.
+    ctx->saved_data["residual_edge"] = int64_t(3) + (running_mean.has_value() && running_mean->defined()) +
+                                       (running_var.has_value() && running_var->defined());
+    ctx->saved_data["residual_stride"] = residual_stride;
+    if (residual.has_value()) {
+      ctx->saved_data["residual_size"] = c10::IValue(residual->sym_sizes().vec());
+      ctx->saved_data["residual_is_x_shaped"] = residual->sym_sizes() == x.sym_sizes();
+    }
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &y = saved[1], &weight = saved[2], &bias = saved[3], &mean = saved[4],
+                     &var = saved[5];
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    const bool residual_grad = has_residual && ctx->needs_input_grad(ctx->saved_data["residual_edge"].toInt());
+    auto [grad_x, grad_weight, grad_bias, grad_z] = call_backward(
+        grads[0], x, y.defined() ? std::optional<at::Tensor>(y) : std::nullopt, weight, mean, var,
+        ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), ctx->saved_data["relu"].toBool(),
+        residual_grad, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+    at::Tensor grad_residual;
+    if (residual_grad) {
+      grad_residual = grad_z;
+      if (!ctx->saved_data["residual_is_x_shaped"].toBool()) {  // the option-A shortcut: back to the block input
+        const auto size = ctx->saved_data["residual_size"].toSymIntVector();
+        grad_residual = call_zero_pad_backward(grad_z, size, ctx->saved_data["residual_stride"].toInt());
+      }
+    }
+    return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(),
+            ctx->needs_input_grad(1) ? grad_weight : at::Tensor(),
+            ctx->needs_input_grad(2) ? grad_bias : at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            grad_residual,
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual, int64_t residual_stride,
+    bool training, double eps, bool relu) {
+  auto out = BatchNormAct::apply(x, weight, bias, running_mean, running_var, residual, residual_stride, training, eps,
+                                 relu);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fast, Autograd, m) {
+  m.impl("batch_norm_act", &batch_norm_act_autograd);
+}
+
+}  // namespace resnet_fast
