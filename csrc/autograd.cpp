@@ -1,4 +1,5 @@
-// Autograd of resnet_fast::batch_norm_act in C++, for the extension's own kernels (CPU and CUDA).
+// Autograd of resnet_fast::batch_norm_act and zero_pad_shortcut in C++, for the extension's own
+// kernels (CPU and CUDA).
 // The same rules as the Python registration that the Triton ops use (resnet_fast/ops/
 // batch_norm_act.py, `register`), without Python on the path: a training step calls this op once
 // per BatchNorm, and the Python autograd function cost about 100 us per call forward + backward
@@ -113,6 +114,30 @@ class BatchNormAct : public torch::autograd::Function<BatchNormAct> {
   }
 };
 
+// zero_pad_shortcut: linear, its gradient is zero_pad_shortcut_backward (whose own autograd, for
+// double backward, stays in Python: it is the forward again).
+class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t out_channels, int64_t stride) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("resnet_fast::zero_pad_shortcut", "")
+                               .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+    ctx->saved_data["input_size"] = c10::IValue(x.sym_sizes().vec());
+    ctx->saved_data["stride"] = stride;
+    return {op.call(x, out_channels, stride)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto size = ctx->saved_data["input_size"].toSymIntVector();
+    return {call_zero_pad_backward(grads[0], size, ctx->saved_data["stride"].toInt()), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor zero_pad_shortcut_autograd(const at::Tensor& x, int64_t out_channels, int64_t stride) {
+  return ZeroPadShortcut::apply(x, out_channels, stride)[0];
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_autograd(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& residual, int64_t residual_stride,
@@ -126,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_autograd(
 
 TORCH_LIBRARY_IMPL(resnet_fast, Autograd, m) {
   m.impl("batch_norm_act", &batch_norm_act_autograd);
+  m.impl("zero_pad_shortcut", &zero_pad_shortcut_autograd);
 }
 
 }  // namespace resnet_fast

@@ -1,6 +1,6 @@
 // The schemas of every resnet_fast op. Implementations register for their dispatch keys in
 // csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake kernels and autograd are added in Python
-// (resnet_fast/ops/<op>.py), except batch_norm_act's autograd, in C++ (csrc/autograd.cpp).
+// (resnet_fast/ops/<op>.py), except the forward ops' autograd, in C++ (csrc/autograd.cpp).
 #include <Python.h>
 #include <torch/library.h>
 

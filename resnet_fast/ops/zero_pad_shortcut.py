@@ -60,7 +60,8 @@ def register(ns: str) -> None:
             grad_x = ops.zero_pad_shortcut_backward(grad, list(ctx.input_size), ctx.stride)
         return grad_x, None, None
 
-    torch.library.register_autograd(f"{ns}::zero_pad_shortcut", _backward, setup_context=_setup_context)
+    if ns != "resnet_fast":  # the extension's op has its autograd in C++ (csrc/autograd.cpp): the same
+        torch.library.register_autograd(f"{ns}::zero_pad_shortcut", _backward, setup_context=_setup_context)
 
     # The backward is linear; its own gradient is the forward again (double backward).
     def _setup_context_backward(ctx, inputs, output):
