@@ -82,6 +82,27 @@ bool is_channels_last(at::MemoryFormat fmt) {
   return fmt == at::MemoryFormat::ChannelsLast;
 }
 
+// y = act(x * scale + shift + r) over a dense x and y of x's layout: the forward's second pass
+// and the inference epilogue (scale 1).
+template <typename scalar_t, typename acc_t>
+void run_apply(const at::Tensor& x, at::Tensor& y, bool channels_last, const acc_t* scale, const acc_t* shift,
+               const std::optional<at::Tensor>& residual, int64_t residual_stride, bool relu) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  ResidualView<scalar_t> r;
+  if (residual.has_value()) {
+    const at::Tensor& t = *residual;
+    r = {t.const_data_ptr<scalar_t>(), t.size(1), t.stride(0), t.stride(1), t.stride(2), t.stride(3), residual_stride};
+  }
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  with_flag(relu, [&](auto kRelu) {
+    if (channels_last)
+      RF_ISA(apply_channels_last<kRelu, scalar_t, acc_t>)(xp, yp, N, C, H, W, scale, shift, r);
+    else
+      RF_ISA(apply_nchw<kRelu, scalar_t, acc_t>)(xp, yp, N, C, H, W, scale, shift, r);
+  });
+}
+
 // The forward's per-channel affine: y = act(x * scale + shift + r). The backward recomputes it
 // (same function, same acc_t arithmetic) when it derives the ReLU mask from x.
 template <typename acc_t>
@@ -132,20 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
     }
     std::vector<acc_t> scale, shift;
     forward_scale_shift(weight, bias, mp, vp, eps, scale, shift);
-    ResidualView<scalar_t> r;
-    if (residual.has_value()) {
-      const at::Tensor& t = *residual;
-      r = {t.const_data_ptr<scalar_t>(), t.size(1), t.stride(0), t.stride(1), t.stride(2), t.stride(3), residual_stride};
-    }
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const acc_t* sc = scale.data();
-    const acc_t* sh = shift.data();
-    with_flag(relu, [&](auto kRelu) {
-      if (is_channels_last(fmt))
-        RF_ISA(apply_channels_last<kRelu, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
-      else
-        RF_ISA(apply_nchw<kRelu, scalar_t, acc_t>)(xp, yp, N, C, H, W, sc, sh, r);
-    });
+    run_apply<scalar_t>(x, y, is_channels_last(fmt), scale.data(), shift.data(), residual, residual_stride, relu);
   });
   return {y, mean, var};
 }
@@ -234,27 +242,14 @@ at::Tensor bias_act_cpu(const at::Tensor& input, const at::Tensor& bias, const s
   check_bias_act_args(input, bias, residual, residual_stride);
   const auto fmt = input.suggest_memory_format();
   const at::Tensor x = input.contiguous(fmt);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t C = x.size(1);
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const at::Tensor b = bias.to(acc_dtype(x)).contiguous();
     const std::vector<acc_t> ones(C, acc_t(1));
-    ResidualView<scalar_t> r;
-    if (residual.has_value()) {
-      const at::Tensor& t = *residual;
-      r = {t.const_data_ptr<scalar_t>(), t.size(1), t.stride(0), t.stride(1), t.stride(2), t.stride(3), residual_stride};
-    }
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const acc_t* bp = b.const_data_ptr<acc_t>();
-    with_flag(relu, [&](auto kRelu) {
-      if (is_channels_last(fmt))
-        RF_ISA(apply_channels_last<kRelu, scalar_t, acc_t>)(xp, yp, N, C, H, W, ones.data(), bp, r);
-      else
-        RF_ISA(apply_nchw<kRelu, scalar_t, acc_t>)(xp, yp, N, C, H, W, ones.data(), bp, r);
-    });
+    run_apply<scalar_t>(x, y, is_channels_last(fmt), ones.data(), b.const_data_ptr<acc_t>(), residual, residual_stride, relu);
   });
   return y;
 }

@@ -270,6 +270,26 @@ bool residual_flat(const at::Tensor& r, const at::Tensor& x, int64_t stride, at:
   return stride == 1 && r.sizes() == x.sizes() && r.is_contiguous(fmt);
 }
 
+// y = act(x * scale + shift + r) over x (dense in fmt): the forward's second pass, and the bias_act
+// epilogue with scale nullptr.
+template <typename scalar_t>
+void launch_apply(const at::Tensor& x, at::Tensor& y, at::MemoryFormat fmt, const acc_type<scalar_t>* scale,
+                  const acc_type<scalar_t>* shift, const std::optional<at::Tensor>& residual, int64_t residual_stride,
+                  bool relu, cudaStream_t stream) {
+  const scalar_t* rp = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+  const Strides4 rs = residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
+  const int64_t rc = residual.has_value() ? residual->size(1) : 0;
+  const bool r_flat = residual.has_value() && residual_flat(*residual, x, residual_stride, fmt);
+  with_flag(fmt == at::MemoryFormat::ChannelsLast, [&](auto kCL) {
+    with_flag(relu, [&](auto kRelu) {
+      apply_kernel<scalar_t, decltype(kCL)::value, decltype(kRelu)::value><<<blocks_for(x.numel()), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(), x.size(1), x.size(2), x.size(3),
+          scale, shift, rp, rs, rc, residual_stride, r_flat);
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cuda(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
@@ -325,19 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
-    const scalar_t* rp = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const Strides4 rs = residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
-    const int64_t rc = residual.has_value() ? residual->size(1) : 0;
-    const bool r_flat = residual.has_value() && residual_flat(*residual, x, residual_stride, fmt);
-    with_flag(cl, [&](auto kCL) {
-      with_flag(relu, [&](auto kRelu) {
-        apply_kernel<scalar_t, decltype(kCL)::value, decltype(kRelu)::value>
-            <<<blocks_for(x.numel()), kThreads, 0, stream>>>(
-                x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(), C, H, W,
-                scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), rp, rs, rc, residual_stride, r_flat);
-      });
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_apply<scalar_t>(x, y, fmt, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), residual,
+                           residual_stride, relu, stream);
   });
   return {y, mean, var};
 }
@@ -416,24 +425,11 @@ at::Tensor bias_act_cuda(const at::Tensor& input, const at::Tensor& bias, const 
   const at::Tensor x = input.contiguous(fmt);
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (x.numel() == 0) return y;
-  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const at::Tensor b = bias.to(acc_dtype(x)).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    const scalar_t* rp = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const Strides4 rs = residual.has_value() ? strides_of(*residual) : Strides4{0, 0, 0, 0};
-    const int64_t rc = residual.has_value() ? residual->size(1) : 0;
-    const bool r_flat = residual.has_value() && residual_flat(*residual, x, residual_stride, fmt);
-    with_flag(cl, [&](auto kCL) {
-      with_flag(relu, [&](auto kRelu) {
-        apply_kernel<scalar_t, decltype(kCL)::value, decltype(kRelu)::value>
-            <<<blocks_for(x.numel()), kThreads, 0, stream>>>(
-                x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), x.numel(), x.size(1), x.size(2),
-                x.size(3), nullptr, b.const_data_ptr<acc_t>(), rp, rs, rc, residual_stride, r_flat);
-      });
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_apply<scalar_t>(x, y, fmt, nullptr, b.const_data_ptr<acc_t>(), residual, residual_stride, relu, stream);
   });
   return y;
 }

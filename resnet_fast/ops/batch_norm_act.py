@@ -85,26 +85,22 @@ def register(ns: str) -> None:
         grad_residual = _like(x) if residual_grad else x.new_empty((0,))
         return _like(x), weight.new_empty((c,)), weight.new_empty((c,)), grad_residual
 
-    # The C++ CPU kernel recomputes the ReLU mask of a unit without a residual from x (through
-    # the forward's own affine, bit for bit), so its backward reads neither y nor its storage.
-    mask_from_input = ns == "resnet_fast"
-
+    # (The extension's own op has this autograd in C++, csrc/autograd.cpp, which also lets its CPU
+    # kernel recompute the ReLU mask from x instead of keeping y.)
     def _setup_context(ctx, inputs, output):
-        x, weight, bias, _rm, _rv, residual, residual_stride, training, eps, relu = inputs
+        x, weight, _bias, _rm, _rv, residual, residual_stride, training, eps, relu = inputs
         y, mean, var = output
-        from_x = mask_from_input and relu and residual is None and x.device.type == "cpu"
-        ctx.save_for_backward(x, y if relu and not from_x else None, weight, bias if from_x else None, mean, var)
+        ctx.save_for_backward(x, y if relu else None, weight, mean, var)
         ctx.training, ctx.eps, ctx.relu = training, eps, relu
         ctx.residual_shape = None if residual is None else tuple(residual.shape)
         ctx.residual_stride = residual_stride
 
     def _backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, y, weight, bias, mean, var = ctx.saved_tensors
+        x, y, weight, mean, var = ctx.saved_tensors
         needs = ctx.needs_input_grad
         residual_grad = ctx.residual_shape is not None and needs[5]
-        mask_args = () if bias is None else (bias,)
         grad_x, grad_weight, grad_bias, grad_z = ops.batch_norm_act_backward(
-            grad_y, x, y, weight, mean, var, ctx.training, ctx.eps, ctx.relu, residual_grad, *mask_args
+            grad_y, x, y, weight, mean, var, ctx.training, ctx.eps, ctx.relu, residual_grad
         )
         grad_residual = None
         if residual_grad:
@@ -124,7 +120,7 @@ def register(ns: str) -> None:
             None,
         )
 
-    if ns != "resnet_fast":  # the extension's op has its autograd in C++ (csrc/autograd.cpp): same rules
+    if ns != "resnet_fast":  # the extension's op: csrc/autograd.cpp
         torch.library.register_autograd(f"{ns}::batch_norm_act", _backward, setup_context=_setup_context)
 
     def _no_double_backward(ctx, *grads):

@@ -69,6 +69,16 @@ def _offsets(n, h, w, c, sN, sC, sH, sW):
 
 
 @triton.jit
+def _masked_grad(g_ptr, y_ptr, off, mask, RELU: tl.constexpr, acc_t: tl.constexpr):
+    """The gradient at g_ptr, through ReLU's mask (the output y > 0) when RELU."""
+    dz = tl.load(g_ptr + off, mask=mask, other=0.0).to(acc_t)
+    if RELU:
+        y = tl.load(y_ptr + off, mask=mask, other=0.0).to(acc_t)
+        dz = tl.where(y > 0.0, dz, 0.0)
+    return dz
+
+
+@triton.jit
 def _chan_merge(count, mean, m2, nb, mb, m2b):
     """Chan's merge of (count, mean, m2) with another set's (nb, mb, m2b)."""
     total = count + nb
@@ -240,10 +250,7 @@ def _backward_reduce_kernel(
         m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         mask = (m < M)[:, None] & cmask[None, :]
         off = _tile_offsets(m, c, C, HW, W, sN, sC, sH, sW, IS_CL)
-        dz = tl.load(dy_ptr + off, mask=mask, other=0.0).to(acc_t)
-        if RELU:
-            y = tl.load(y_ptr + off, mask=mask, other=0.0).to(acc_t)
-            dz = tl.where(y > 0.0, dz, 0.0)
+        dz = _masked_grad(dy_ptr, y_ptr, off, mask, RELU, acc_t)
         if WRITE_DZ:
             tl.store(dz_ptr + off, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_t)
@@ -298,10 +305,7 @@ def _backward_apply_kernel(
     cmask = c < C
     mask = (m < M)[:, None] & cmask[None, :]
     off = _tile_offsets(m, c, C, HW, W, sN, sC, sH, sW, IS_CL)
-    dz = tl.load(g_ptr + off, mask=mask, other=0.0).to(acc_t)
-    if RELU:
-        y = tl.load(y_ptr + off, mask=mask, other=0.0).to(acc_t)
-        dz = tl.where(y > 0.0, dz, 0.0)
+    dz = _masked_grad(g_ptr, y_ptr, off, mask, RELU, acc_t)
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(acc_t)
     mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(acc_t)
     a = tl.load(coef_ptr + c, mask=cmask, other=0.0)
