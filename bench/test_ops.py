@@ -33,6 +33,28 @@ def test_zero_pad_shortcut_fwd_bwd(benchmark):
     )
 
 
+def test_max_pool2d_inference(benchmark):
+    # ResNet-50's stem pooling at batch 8 (inference): (8, 64, 112, 112) -> (8, 64, 56, 56), channels_last.
+    x = torch.randn(8, 64, 112, 112).relu().contiguous(memory_format=torch.channels_last)
+
+    def run(fn):
+        def f():
+            with torch.inference_mode():
+                fn(x, 3, 2, 1)
+
+        return f
+
+    compare(
+        benchmark,
+        "max_pool2d inference (8,64,112,112) channels_last",
+        x.numel(),
+        run(resnet_fast.ops.max_pool2d),
+        {"eager": run(F.max_pool2d)},
+        pairs=60,
+        rounds=20,
+    )
+
+
 # (shape, residual): ResNet-20's stages at batch 128 and ResNet-50's at batch 16.
 CASES = [
     ((128, 16, 32, 32), None),

@@ -36,4 +36,7 @@ TORCH_LIBRARY(resnet_fast, m) {
   // The inference epilogue after a convolution with BatchNorm folded into its weights:
   // y = relu(x + bias[c] + r), the residual read as by batch_norm_act.
   m.def("bias_act(Tensor x, Tensor bias, Tensor? residual, int residual_stride, bool relu) -> Tensor");
+  // Max pooling's values without its argmax indices (inference; dilation 1, floor mode), as
+  // F.max_pool2d computes them. CPU only: the GPUs keep PyTorch's pooling.
+  m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
 }

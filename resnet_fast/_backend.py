@@ -101,9 +101,10 @@ def triton_available() -> bool:
 
 
 # Ops with compiled kernels, and which devices each one covers: {op: {"cpu", "cuda", "triton": bool}}.
-EXTENSION_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act")
+EXTENSION_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d")
+TRITON_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act")  # max_pool2d is CPU-only
 _KERNELS = {
-    op: {"cpu": _registered(op, "CPU"), "cuda": _registered(op, "CUDA"), "triton": _triton_error is None}
+    op: {"cpu": _registered(op, "CPU"), "cuda": _registered(op, "CUDA"), "triton": _triton_error is None and op in TRITON_OPS}
     for op in EXTENSION_OPS
 }
 

@@ -20,6 +20,7 @@
 
 #include "common/batch_norm_act.h"
 #include "common/checks.h"
+#include "cpu/isa.h"
 
 namespace resnet_fast {
 
@@ -37,8 +38,7 @@ namespace cpu_generic {
 #undef RF_KERNEL_AVX2
 }  // namespace cpu_generic
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define RESNET_FAST_AVX2 1
+#ifdef RESNET_FAST_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace cpu_avx2 {
@@ -50,22 +50,6 @@ namespace cpu_avx2 {
 #endif
 
 namespace {
-
-bool use_avx2() {
-#ifdef RESNET_FAST_AVX2
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-#else
-  return false;
-#endif
-}
-
-// RF_ISA(fn<...>) is the AVX2 build of a kernel where the CPU has AVX2 and FMA, else the baseline.
-#ifdef RESNET_FAST_AVX2
-#define RF_ISA(...) (use_avx2() ? cpu_avx2::__VA_ARGS__ : cpu_generic::__VA_ARGS__)
-#else
-#define RF_ISA(...) (cpu_generic::__VA_ARGS__)
-#endif
 
 // Calls f with the mask mode (kNoRelu / kMaskOutput / kMaskInput) as a compile-time constant.
 template <typename F>

@@ -51,6 +51,17 @@ class ZeroPadShortcut(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` (same arguments, repr and behaviour) that, on the CPU kernels' path and when
+    no gradient is needed, computes only the window maxima (:func:`resnet_fast.ops.max_pool2d`)
+    rather than ATen's maxima plus argmax indices."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if is_fx_tracing() or self.return_indices or self.ceil_mode or self.dilation not in (1, (1, 1), [1, 1]):
+            return super().forward(x)
+        return ops.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
 def shortcut_of(downsample: nn.Module | None, x: Tensor) -> tuple[Tensor, int]:
     """The residual term of a block and the stride to read it with. An option-A shortcut is
     not run: the fused kernel reads the block input in place, subsampled and zero-padded."""

@@ -75,3 +75,10 @@ def bias_act(x: Tensor, bias: Tensor, residual: Tensor | None = None, relu: bool
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
+
+
+def max_pool2d(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+    """Max pooling with dilation 1 and floor mode (the stem's 3x3, stride 2, padding 1):
+    ``y[n, c, i, j] = max{x[n, c, i*sh - ph + a, j*sw - pw + b] : 0 <= a < kh, 0 <= b < kw, in bounds}``,
+    NaN if any value of the window is NaN. x: (N, C, H, W)."""
+    return F.max_pool2d(x, kernel_size, stride, padding)
