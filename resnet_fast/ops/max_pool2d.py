@@ -23,12 +23,14 @@ def _pair(v) -> list[int]:
 
 def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
     """``F.max_pool2d(x, kernel_size, stride, padding)`` (dilation 1, floor mode). The C++ kernel
-    runs for channels_last CPU inputs that need no gradient; anything else takes PyTorch's."""
+    runs for floating-point channels_last CPU inputs that need no gradient; anything else takes
+    PyTorch's."""
     kernel_size = _pair(kernel_size)
     stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride)
     padding = _pair(padding)
     if (
         x.dim() != 4
+        or not x.is_floating_point()
         or (x.requires_grad and torch.is_grad_enabled())
         or suggest_memory_format(x) != torch.channels_last
         or _backend.resolve("max_pool2d", x.device) != "cpu"

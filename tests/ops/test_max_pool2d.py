@@ -74,6 +74,11 @@ def test_bad_input_is_refused_clearly(args, message):
         torch.ops.resnet_fast.max_pool2d(*args)
 
 
+def test_integer_input_is_refused():
+    with pytest.raises(RuntimeError, match="not implemented for 'Long'"):
+        torch.ops.resnet_fast.max_pool2d(torch.ones(1, 4, 4, 4, dtype=torch.int64), [3, 3], [2, 2], [1, 1])
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck(layout):
     x = make_input((2, 4, 7, 6), torch.float32, layout).requires_grad_(True)
@@ -99,6 +104,9 @@ def test_routing():
         assert not _ran_our_kernel(lambda: max_pool2d(x.contiguous(), 3, 2, 1))  # NCHW: PyTorch's is as fast
         with resnet_fast.use_backend("eager"):
             assert not _ran_our_kernel(lambda: max_pool2d(x, 3, 2, 1))
+        xi = (x * 10).long().contiguous(memory_format=torch.channels_last)  # integers: PyTorch's
+        assert not _ran_our_kernel(lambda: max_pool2d(xi, 3, 2, 1))
+        assert torch.equal(max_pool2d(xi, 3, 2, 1), F.max_pool2d(xi, 3, 2, 1))
     # Something to differentiate: PyTorch's pooling, whose indices the backward reads.
     xg = x.detach().requires_grad_(True)
     assert not _ran_our_kernel(lambda: max_pool2d(xg, 3, 2, 1))
