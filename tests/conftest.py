@@ -42,3 +42,17 @@ def device_of(impl: str) -> str:
 
 
 ops_of = _backend.ops_for  # the op namespace of an implementation
+
+
+def make_input(shape, dtype, layout, device="cpu", requires_grad=False):
+    """A random (N, C, H, W) input in one of the layouts the ops take: "contiguous" (NCHW),
+    "channels_last", or "noncontiguous" (a transposed, subsampled view)."""
+    n, c, h, w = shape
+    if layout == "channels_last":
+        x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    elif layout == "noncontiguous":
+        x = torch.randn(n, c, w, 2 * h, device=device).to(dtype).transpose(2, 3)[:, :, ::2]
+        assert not x.is_contiguous() and x.shape == (n, c, h, w)
+    else:
+        x = torch.randn(n, c, h, w, device=device).to(dtype)
+    return x.requires_grad_(requires_grad)

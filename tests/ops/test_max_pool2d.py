@@ -8,7 +8,7 @@ from torch import nn
 import resnet_fast
 from resnet_fast.nn import MaxPool2d
 from resnet_fast.ops import max_pool2d, reference
-from tests.conftest import requires_extension
+from tests.conftest import make_input, requires_extension
 
 pytestmark = requires_extension
 
@@ -22,17 +22,6 @@ SHAPES = [
     (4, 9, 1, 1, (1, 1), (1, 1), (0, 0)),  # 1x1 map
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-def make_input(shape, dtype, layout):
-    n, c, h, w = shape
-    if layout == "channels_last":
-        return torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
-    if layout == "noncontiguous":
-        x = torch.randn(n, c, w, 2 * h).to(dtype).transpose(2, 3)[:, :, ::2]
-        assert not x.is_contiguous() and x.shape == (n, c, h, w)
-        return x
-    return torch.randn(n, c, h, w).to(dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -5,7 +5,7 @@ import torch
 
 import resnet_fast
 from resnet_fast.ops import reference, zero_pad_shortcut
-from tests.conftest import IMPLS, device_of, ops_of, requires_extension
+from tests.conftest import IMPLS, device_of, make_input, ops_of, requires_extension
 
 # Tests that take `impl` run for the C++ kernels ("cpu"), the Triton kernels (in the interpreter
 # on this machine) and the CUDA C++ kernels (skipped without a GPU).
@@ -20,18 +20,6 @@ SHAPES = [
     (2, 64, 6, 6, 256, 1),  # bottleneck layer1 under option A: stride 1
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-
-
-def make_input(shape, dtype, layout, device="cpu", requires_grad=False):
-    n, c, h, w = shape
-    if layout == "channels_last":
-        x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-    elif layout == "noncontiguous":
-        x = torch.randn(n, c, w, 2 * h, device=device).to(dtype).transpose(2, 3)[:, :, ::2]
-        assert not x.is_contiguous() and x.shape == (n, c, h, w)
-    else:
-        x = torch.randn(n, c, h, w, device=device).to(dtype)
-    return x.requires_grad_(requires_grad)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
