@@ -55,6 +55,43 @@ def test_max_pool2d_inference(benchmark):
     )
 
 
+# (input shape, output channels, stride): ResNet-20's stages at batch 128, ResNet-50's first 3x3 at batch 16.
+CONV_CASES = [
+    ((128, 16, 32, 32), 16, 1),
+    ((128, 16, 32, 32), 32, 2),
+    ((128, 64, 8, 8), 64, 1),
+    ((16, 64, 56, 56), 64, 1),
+]
+
+
+@pytest.mark.parametrize("shape, out_channels, stride", CONV_CASES, ids=lambda v: str(v))
+def test_conv3x3_fwd_bwd(benchmark, shape, out_channels, stride):
+    """Training's 3x3 convolution, channels_last float32: ours differs from PyTorch's only in the
+    weight gradient, so the whole fwd+bwd is compared (forward and input gradient are the same
+    oneDNN calls on both sides)."""
+    cl = torch.channels_last
+    x = torch.randn(shape).contiguous(memory_format=cl).requires_grad_(True)
+    w = torch.randn(out_channels, shape[1], 3, 3).contiguous(memory_format=cl).requires_grad_(True)
+    grad = torch.randn(shape[0], out_channels, shape[2] // stride, shape[3] // stride).contiguous(memory_format=cl)
+
+    def run(fn):
+        def f():
+            fn(x, w, stride).backward(grad)
+            x.grad = w.grad = None
+
+        return f
+
+    compare(
+        benchmark,
+        f"conv3x3 fwd+bwd {shape}->{out_channels} stride {stride} channels_last",
+        x.numel(),
+        run(resnet_fast.ops.conv3x3),
+        {"eager": run(reference.conv3x3)},
+        pairs=30,
+        rounds=10,
+    )
+
+
 # (shape, residual): ResNet-20's stages at batch 128 and ResNet-50's at batch 16.
 CASES = [
     ((128, 16, 32, 32), None),

@@ -1,10 +1,11 @@
-// Autograd of resnet_fast::batch_norm_act and zero_pad_shortcut in C++, for the extension's own
-// kernels (CPU and CUDA).
+// Autograd of resnet_fast::batch_norm_act, zero_pad_shortcut and conv3x3 in C++, for the
+// extension's own kernels (CPU and CUDA; conv3x3 is CPU only).
 // The same rules as the Python registration that the Triton ops use (resnet_fast/ops/
 // batch_norm_act.py, `register`), without Python on the path: a training step calls this op once
 // per BatchNorm, and the Python autograd function cost about 100 us per call forward + backward
 // (a third of a small op's time, e.g. the option-A block end of ResNet-20).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/convolution_backward.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -134,6 +135,43 @@ class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
   }
 };
 
+// conv3x3: the input gradient is ATen's (oneDNN's backward-data), the weight gradient ours.
+class Conv3x3 : public torch::autograd::Function<Conv3x3> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("resnet_fast::conv3x3", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["stride"] = stride;
+    return {op.call(x, weight, stride)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto weight_grad_op = c10::Dispatcher::singleton()
+                                           .findSchemaOrThrow("resnet_fast::conv3x3_weight_grad", "")
+                                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1];
+    const int64_t stride = ctx->saved_data["stride"].toInt();
+    at::Tensor grad_x, grad_weight;
+    if (ctx->needs_input_grad(0))
+      grad_x = std::get<0>(at::convolution_backward(grads[0], x, weight, std::nullopt, {stride, stride}, {1, 1},
+                                                    {1, 1}, false, {0, 0}, 1, {true, false, false}));
+    if (ctx->needs_input_grad(1)) {
+      grad_weight = weight_grad_op.call(grads[0], x, stride);
+      if (!grad_weight.is_contiguous(weight.suggest_memory_format()))  // the parameter's own layout
+        grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
+    }
+    return {grad_x, grad_weight, at::Tensor()};
+  }
+};
+
+at::Tensor conv3x3_autograd(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
+  return Conv3x3::apply(x, weight, stride)[0];
+}
+
 at::Tensor zero_pad_shortcut_autograd(const at::Tensor& x, int64_t out_channels, int64_t stride) {
   return ZeroPadShortcut::apply(x, out_channels, stride)[0];
 }
@@ -152,6 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_autograd(
 TORCH_LIBRARY_IMPL(resnet_fast, Autograd, m) {
   m.impl("batch_norm_act", &batch_norm_act_autograd);
   m.impl("zero_pad_shortcut", &zero_pad_shortcut_autograd);
+  m.impl("conv3x3", &conv3x3_autograd);
 }
 
 }  // namespace resnet_fast

@@ -39,4 +39,9 @@ TORCH_LIBRARY(resnet_fast, m) {
   // Max pooling's values without its argmax indices (inference; dilation 1, floor mode), as
   // F.max_pool2d computes them. CPU only: the GPUs keep PyTorch's pooling.
   m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  // The residual nets' 3x3 convolution (padding 1, no bias, stride 1 or 2) for training: the
+  // forward and input gradient are ATen's, the weight gradient conv3x3_weight_grad (CPU only; see
+  // csrc/cpu/conv3x3.cpp). conv3x3_weight_grad returns dW of shape (K, C, 3, 3) in channels_last.
+  m.def("conv3x3(Tensor x, Tensor weight, int stride) -> Tensor");
+  m.def("conv3x3_weight_grad(Tensor grad_out, Tensor x, int stride) -> Tensor");
 }

@@ -105,12 +105,13 @@ def test_fallback_when_the_extension_is_missing():
 
 def test_kernel_table_lists_built_kernels():
     table = resnet_fast._backend.kernels()
-    assert set(table) == {"zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d"}
+    assert set(table) == {"zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d", "conv3x3"}
+    cpu_only = {"max_pool2d", "conv3x3"}  # the GPUs keep PyTorch's pooling and cuDNN's convolution
     for op in table:
         assert table[op]["cpu"] == resnet_fast.extension_available()
-        # max_pool2d has CPU kernels only (the GPUs keep PyTorch's pooling)
-        assert table[op]["triton"] == (resnet_fast._backend.triton_available() and op != "max_pool2d")
-    assert not table["max_pool2d"]["cuda"]
+        assert table[op]["triton"] == (resnet_fast._backend.triton_available() and op not in cpu_only)
+    for op in cpu_only:
+        assert not table[op]["cuda"]
 
 
 @pytest.mark.skipif(not resnet_fast._backend.TRITON_INTERPRET, reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU)")

@@ -63,6 +63,24 @@ def bn_act(
     )
 
 
+def _conv(x: Tensor, conv: nn.Module) -> Tensor:
+    """``conv(x)``; the residual nets' 3x3 convolutions (padding 1, no bias) go through
+    :func:`resnet_fast.ops.conv3x3`, whose weight gradient is ours on the CPU."""
+    if (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+        and conv.padding_mode == "zeros"
+        and conv.stride[0] == conv.stride[1]
+        and not (conv._forward_hooks or conv._forward_pre_hooks or is_fx_tracing())
+    ):
+        return ops.conv3x3(x, conv.weight, conv.stride[0])
+    return conv(x)
+
+
 # -- inference: BatchNorm folded into the convolution ----------------------------------------
 
 # conv module -> (key, folded weight (prepacked for oneDNN), folded bias). Weakly keyed, so the
@@ -169,11 +187,12 @@ def conv_bn_act(
     """``relu(bn(conv(x)) + residual)``. In inference (eval mode, nothing requiring a gradient),
     BatchNorm is folded into the convolution's weights once (cached): on the CPU kernels' path the
     residual add and ReLU run as oneDNN post-ops of the convolution, on GPUs as the bias_act
-    epilogue kernel after cuDNN's convolution. Otherwise the convolution runs as is and
-    :func:`bn_act` fuses the rest."""
+    epilogue kernel after cuDNN's convolution. Otherwise (training) the convolution runs as is,
+    a 3x3 one with our weight gradient (:func:`resnet_fast.ops.conv3x3`), and :func:`bn_act`
+    fuses the rest."""
     path = None if is_fx_tracing() else _fold_path(x, conv, bn)
     if path is None:
-        return bn_act(conv(x), bn, residual, relu, residual_stride)
+        return bn_act(_conv(x, conv), bn, residual, relu, residual_stride)
     weight, bias = _folded_weights(x, conv, bn, path)
     if path == "epilogue":
         y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -82,3 +82,17 @@ def max_pool2d(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
     ``y[n, c, i, j] = max{x[n, c, i*sh - ph + a, j*sw - pw + b] : 0 <= a < kh, 0 <= b < kw, in bounds}``,
     NaN if any value of the window is NaN. x: (N, C, H, W)."""
     return F.max_pool2d(x, kernel_size, stride, padding)
+
+
+def conv3x3(x: Tensor, weight: Tensor, stride: int) -> Tensor:
+    """The residual nets' 3x3 convolution: padding 1, no bias.
+    ``y[n, k, h, w] = sum_{c, r, s} weight[k, c, r, s] * x[n, c, h*stride + r - 1, w*stride + s - 1]``
+    (zero outside the map). x: (N, C, H, W), weight: (K, C, 3, 3) -> (N, K, ceil(H/stride), ceil(W/stride))."""
+    return F.conv2d(x, weight, None, stride, 1)
+
+
+def conv3x3_weight_grad(grad_out: Tensor, x: Tensor, stride: int) -> Tensor:
+    """The gradient of :func:`conv3x3` with respect to its weight:
+    ``dW[k, c, r, s] = sum_{n, h, w} grad_out[n, k, h, w] * x[n, c, h*stride + r - 1, w*stride + s - 1]``.
+    grad_out: (N, K, OH, OW), x: (N, C, H, W) -> (K, C, 3, 3)."""
+    return torch.nn.grad.conv2d_weight(x, (grad_out.shape[1], x.shape[1], 3, 3), grad_out, stride, 1)

@@ -1,0 +1,223 @@
+// The 3x3 convolution of the residual nets (padding 1, no bias, stride 1 or 2) in training: the
+// forward and the input gradient are ATen's (oneDNN runs them at 170-200 GFLOP/s here); the
+// weight gradient is our AVX2 kernel below where it is faster than oneDNN's (which ran ResNet-20's
+// at 125-140 GFLOP/s, about two thirds of this CPU's peak).
+// Formula: resnet_fast.ops.reference.conv3x3_weight_grad.
+//
+//   dW[k, c, r, s] = sum over n, h, w of dy[n, k, h, w] * x[n, c, h*stride + r - 1, w*stride + s - 1]
+//
+// (terms outside the input are zero padding). In channels_last, dW's memory order is k, r, s, c,
+// and for a tap row r the 3*C values dW[k, :, r, :] (s, then c) are multiplied by 3*C consecutive
+// floats of x: the pixels w*stride - 1, w*stride, w*stride + 1 of input row h*stride + r - 1. So one
+// register tile of 4 output channels k by 24 columns of (s, c) sweeps the output pixels of a few
+// rows, accumulating 12 AVX2 vectors with one broadcast of dy and three loads of x per pixel: a
+// rank-1 update, FMA-bound. Only a row's first and last pixels can reach outside the input
+// (columns -1 and W); their out-of-map vectors are zeros, not loads, so nothing outside the
+// tensors is read and nothing is corrected afterwards.
+//
+// Work is split over images (each thread accumulates its images into its own copy of dW, summed
+// at the end; a batch smaller than the thread count splits the output channels instead), and each
+// image into chunks of rows whose dy (16 KB) and x stay in L1/L2 while all the tiles sweep them.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/isa.h"
+
+#ifdef RESNET_FAST_AVX2
+#include <immintrin.h>
+#endif
+
+namespace resnet_fast {
+namespace {
+
+struct Geometry {
+  int64_t N, C, H, W;  // input
+  int64_t K, OH, OW;   // output (the gradient's)
+  int64_t stride;
+};
+
+#ifdef RESNET_FAST_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// acc[i][v] += dy[i] * x[v] for the tile's 4 output channels i and 3 vectors v of 8 columns.
+#define RF_TILE_FMA(d, x0, x1, x2)                                                                     \
+  do {                                                                                                \
+    __m256 b_ = _mm256_broadcast_ss((d));                                                             \
+    a00 = _mm256_fmadd_ps(b_, x0, a00), a01 = _mm256_fmadd_ps(b_, x1, a01), a02 = _mm256_fmadd_ps(b_, x2, a02); \
+    b_ = _mm256_broadcast_ss((d) + 1);                                                                \
+    a10 = _mm256_fmadd_ps(b_, x0, a10), a11 = _mm256_fmadd_ps(b_, x1, a11), a12 = _mm256_fmadd_ps(b_, x2, a12); \
+    b_ = _mm256_broadcast_ss((d) + 2);                                                                \
+    a20 = _mm256_fmadd_ps(b_, x0, a20), a21 = _mm256_fmadd_ps(b_, x1, a21), a22 = _mm256_fmadd_ps(b_, x2, a22); \
+    b_ = _mm256_broadcast_ss((d) + 3);                                                                \
+    a30 = _mm256_fmadd_ps(b_, x0, a30), a31 = _mm256_fmadd_ps(b_, x1, a31), a32 = _mm256_fmadd_ps(b_, x2, a32); \
+  } while (0)
+
+inline __m256 load_or_zero(const float* p, bool in_map) { return in_map ? _mm256_loadu_ps(p) : _mm256_setzero_ps(); }
+
+// One tile (output channels k..k+3, columns j..j+23 of tap row r) over output rows [h0, h1) of one
+// image; every row's input row h*ST + r - 1 is inside the map. `first`/`last`: which of the three
+// vectors are inside the map at a row's first and last pixel (bit v for vector v). The 12
+// accumulators are plain locals so that they stay in registers across the whole sweep.
+template <int ST>
+void sweep_tile(const float* dy, const float* x, const Geometry& g, int64_t h0, int64_t h1, int r, int64_t k,
+                int64_t j, int first, int last, float* out, int64_t ld) {
+  const int64_t C = g.C, K = g.K, OW = g.OW;
+  __m256 a00 = _mm256_loadu_ps(out), a01 = _mm256_loadu_ps(out + 8), a02 = _mm256_loadu_ps(out + 16);
+  __m256 a10 = _mm256_loadu_ps(out + ld), a11 = _mm256_loadu_ps(out + ld + 8), a12 = _mm256_loadu_ps(out + ld + 16);
+  __m256 a20 = _mm256_loadu_ps(out + 2 * ld), a21 = _mm256_loadu_ps(out + 2 * ld + 8),
+         a22 = _mm256_loadu_ps(out + 2 * ld + 16);
+  __m256 a30 = _mm256_loadu_ps(out + 3 * ld), a31 = _mm256_loadu_ps(out + 3 * ld + 8),
+         a32 = _mm256_loadu_ps(out + 3 * ld + 16);
+  for (int64_t h = h0; h < h1; ++h) {
+    // x of output pixel w, column j: input pixel w*ST - 1 of input row h*ST + r - 1, plus j floats.
+    const float* xrow = x + ((h * ST + r - 1) * g.W - 1) * C + j;
+    const float* drow = dy + h * OW * K + k;
+    {
+      __m256 x0 = load_or_zero(xrow, first & 1), x1 = load_or_zero(xrow + 8, first & 2),
+             x2 = load_or_zero(xrow + 16, first & 4);
+      RF_TILE_FMA(drow, x0, x1, x2);
+    }
+    int64_t w = 1;
+    for (; w < OW - 1; ++w) {
+      const float* xp = xrow + w * ST * C;
+      __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8), x2 = _mm256_loadu_ps(xp + 16);
+      RF_TILE_FMA(drow + w * K, x0, x1, x2);
+    }
+    if (OW > 1) {
+      const float* xp = xrow + w * ST * C;
+      __m256 x0 = load_or_zero(xp, last & 1), x1 = load_or_zero(xp + 8, last & 2), x2 = load_or_zero(xp + 16, last & 4);
+      RF_TILE_FMA(drow + w * K, x0, x1, x2);
+    }
+  }
+  _mm256_storeu_ps(out, a00), _mm256_storeu_ps(out + 8, a01), _mm256_storeu_ps(out + 16, a02);
+  _mm256_storeu_ps(out + ld, a10), _mm256_storeu_ps(out + ld + 8, a11), _mm256_storeu_ps(out + ld + 16, a12);
+  _mm256_storeu_ps(out + 2 * ld, a20), _mm256_storeu_ps(out + 2 * ld + 8, a21), _mm256_storeu_ps(out + 2 * ld + 16, a22);
+  _mm256_storeu_ps(out + 3 * ld, a30), _mm256_storeu_ps(out + 3 * ld + 8, a31), _mm256_storeu_ps(out + 3 * ld + 16, a32);
+}
+#undef RF_TILE_FMA
+
+// Adds image n's contribution for output channel blocks [kb0, kb1) (of 4) to acc (K x 9C, dW's
+// channels_last order).
+void accumulate_image(const float* dy, const float* x, const Geometry& g, int64_t n, int64_t kb0, int64_t kb1,
+                      float* acc) {
+  const int64_t C = g.C, K = g.K, ld = 9 * C;
+  const float* xi = x + n * g.H * g.W * C;
+  const float* di = dy + n * g.OH * g.OW * K;
+  const int64_t rows = std::max<int64_t>(1, 16384 / (g.OW * K * int64_t(sizeof(float))));
+  for (int64_t c0 = 0; c0 < g.OH; c0 += rows) {
+    const int64_t c1 = std::min(g.OH, c0 + rows);
+    for (int r = 0; r < 3; ++r) {
+      int64_t h0 = c0, h1 = c1;  // the rows whose input row h*stride + r - 1 is inside the map
+      while (h0 < h1 && h0 * g.stride + r - 1 < 0) ++h0;
+      while (h1 > h0 && (h1 - 1) * g.stride + r - 1 >= g.H) --h1;
+      if (h0 >= h1) continue;
+      for (int64_t j = 0; j < 3 * C; j += 24) {
+        int first = 0, last = 0;
+        for (int v = 0; v < 3; ++v) {
+          const int64_t s = (j + 8 * v) / C;  // C % 8 == 0: a vector lies within one tap s
+          if (s >= 1) first |= 1 << v;        // input column s - 1 of output pixel 0
+          if ((g.OW - 1) * g.stride + s - 1 < g.W) last |= 1 << v;
+        }
+        if (g.OW == 1) first &= last;
+        for (int64_t kb = kb0; kb < kb1; ++kb) {
+          float* out = acc + kb * 4 * ld + r * 3 * C + j;
+          if (g.stride == 1)
+            sweep_tile<1>(di, xi, g, h0, h1, r, kb * 4, j, first, last, out, ld);
+          else
+            sweep_tile<2>(di, xi, g, h0, h1, r, kb * 4, j, first, last, out, ld);
+        }
+      }
+    }
+  }
+}
+
+void weight_grad_avx2(const float* dy, const float* x, const Geometry& g, float* out) {
+  const int64_t KB = g.K / 4, size = g.K * 9 * g.C;
+  const int threads = at::get_num_threads();
+  std::vector<float> partial(size_t(threads) * size, 0.f);
+  // Work items are (image, block of 4 output channels), image-major: a thread's contiguous range
+  // is whole images unless the batch is smaller than the thread count.
+  at::parallel_for(0, g.N * KB, 1, [&](int64_t i0, int64_t i1) {
+    float* acc = partial.data() + size_t(at::get_thread_num()) * size;
+    for (int64_t i = i0; i < i1;) {
+      const int64_t n = i / KB, kb0 = i % KB, kb1 = std::min(KB, kb0 + (i1 - i));
+      accumulate_image(dy, x, g, n, kb0, kb1, acc);
+      i += kb1 - kb0;
+    }
+  });
+  at::parallel_for(0, size, 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) {
+      float s = 0.f;
+      for (int t = 0; t < threads; ++t) s += partial[size_t(t) * size + e];
+      out[e] = s;
+    }
+  });
+}
+
+#pragma GCC pop_options
+#endif  // RESNET_FAST_AVX2
+
+int64_t conv_out_size(int64_t in, int64_t stride) { return (in - 1) / stride + 1; }  // 3x3, padding 1
+
+// Our kernel covers float32 with C % 8 == 0 (a vector of 8 lies within one tap), K % 4 == 0 (the
+// tile's 4 output channels) and C <= 128: beyond, the tiles sweep too few pixels per load of their
+// accumulators and oneDNN's is faster (ResNet-50's 256- and 512-channel 3x3s: 56-95 against
+// 106-125 GFLOP/s).
+bool ours_applies(const at::Tensor& grad_out, const at::Tensor& x) {
+  return use_avx2() && x.scalar_type() == at::kFloat && grad_out.scalar_type() == at::kFloat && x.size(1) % 8 == 0 &&
+         x.size(1) <= 128 && grad_out.size(1) % 4 == 0;
+}
+
+at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x, int64_t stride) {
+  TORCH_CHECK(x.dim() == 4 && grad_out.dim() == 4, "conv3x3_weight_grad: expected 4-D (N, C, H, W) tensors, got x of ",
+              x.dim(), "-D and grad_out of ", grad_out.dim(), "-D");
+  TORCH_CHECK(stride == 1 || stride == 2, "conv3x3_weight_grad: expected stride 1 or 2, got ", stride);
+  TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(), "conv3x3_weight_grad: x is ", x.scalar_type(),
+              " but grad_out is ", grad_out.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = grad_out.size(1);
+  TORCH_CHECK(grad_out.size(0) == N && grad_out.size(2) == conv_out_size(H, stride) &&
+                  grad_out.size(3) == conv_out_size(W, stride),
+              "conv3x3_weight_grad: grad_out of shape ", grad_out.sizes(), " does not fit an input of shape ", x.sizes(),
+              " (3x3, padding 1, stride ", stride, ": expected (", N, ", K, ", conv_out_size(H, stride), ", ",
+              conv_out_size(W, stride), "))");
+  const auto cl = at::MemoryFormat::ChannelsLast;
+#ifdef RESNET_FAST_AVX2
+  if (ours_applies(grad_out, x) && N > 0 && H > 0 && W > 0) {
+    const at::Tensor xc = x.contiguous(cl), gc = grad_out.contiguous(cl);
+    at::Tensor out = at::empty({K, C, 3, 3}, x.options().memory_format(cl));
+    const Geometry g{N, C, H, W, K, gc.size(2), gc.size(3), stride};
+    weight_grad_avx2(gc.const_data_ptr<float>(), xc.const_data_ptr<float>(), g, out.mutable_data_ptr<float>());
+    return out;
+  }
+#endif
+  // Anything else: ATen's (oneDNN's) weight gradient, in the same layout.
+  const at::Tensor weight = at::zeros({K, C, 3, 3}, x.options().memory_format(cl));
+  auto grads = at::convolution_backward(grad_out, x, weight, std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false,
+                                        {0, 0}, 1, {false, true, false});
+  return std::get<1>(grads).contiguous(cl);
+}
+
+at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
+              "conv3x3: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
+  TORCH_CHECK(stride == 1 || stride == 2, "conv3x3: expected stride 1 or 2, got ", stride);
+  return at::convolution(x, weight, std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false, {0, 0}, 1);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("conv3x3", &conv3x3_cpu);
+  m.impl("conv3x3_weight_grad", &conv3x3_weight_grad_cpu);
+}
+
+}  // namespace resnet_fast

@@ -1,0 +1,212 @@
+"""conv3x3 (the residual nets' 3x3 convolution for training, with our CPU weight gradient) against
+its formulas: reference.conv3x3 and reference.conv3x3_weight_grad, computed in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import resnet_fast
+from resnet_fast.ops import conv3x3, reference
+from tests.conftest import make_input, requires_extension
+
+pytestmark = requires_extension
+
+# (N, C, H, W, K, stride). Our kernel covers float32, C % 8 == 0, C <= 128, K % 4 == 0; the rest
+# is ATen's weight gradient, which the op must return just the same.
+SHAPES = [
+    (4, 16, 32, 32, 16, 1),  # ResNet-20's first stage
+    (4, 16, 32, 32, 32, 2),  # its first downsampling
+    (3, 64, 8, 8, 64, 1),  # its last stage, odd batch over two threads
+    (1, 32, 9, 7, 8, 1),  # batch 1 (the output channels split over threads), odd sizes
+    (2, 24, 7, 5, 12, 2),  # 3*C = 72 columns: three tiles of 24; odd sizes, stride 2
+    (2, 8, 1, 1, 4, 1),  # 1x1 map: a row's first pixel is also its last
+    (2, 8, 2, 3, 4, 2),  # 1x2 output after stride 2
+    (2, 128, 5, 5, 8, 1),  # the widest input ours takes
+    (2, 136, 5, 5, 8, 1),  # wider: ATen's
+    (2, 12, 6, 6, 8, 1),  # C % 8 != 0: ATen's
+    (2, 16, 6, 6, 6, 2),  # K % 4 != 0: ATen's
+]
+
+
+def exact_weight_grad(grad_out, x, stride):
+    return reference.conv3x3_weight_grad(grad_out.double(), x.double(), stride)
+
+
+def assert_weight_grad_close(got, grad_out, x, stride, dtype=torch.float32):
+    expected = exact_weight_grad(grad_out, x, stride)
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    # Sums of N*OH*OW products: float32's rounding grows with their count and the terms' size.
+    terms = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
+    scale = (grad_out.double().abs().amax() * x.double().abs().amax()).item() if terms else 1.0
+    tol = (1e-6 if dtype == torch.float32 else 1e-12) * max(terms, 1) ** 0.5 * scale
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "noncontiguous"])
+def test_weight_grad_matches_formula(shape, layout):
+    n, c, h, w, k, stride = shape
+    x = make_input((n, c, h, w), torch.float32, layout)
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    grad_out = make_input((n, k, oh, ow), torch.float32, layout)
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, stride)
+    assert_weight_grad_close(got, grad_out, x, stride)
+
+
+def test_empty_batch_gives_zero_weight_grad():
+    x = torch.randn(0, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(0, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1)
+    assert got.shape == (8, 16, 3, 3) and torch.equal(got, torch.zeros_like(got))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes_take_atens_weight_grad(dtype):
+    x = make_input((2, 16, 6, 6), dtype, "channels_last")
+    grad_out = make_input((2, 8, 6, 6), dtype, "channels_last")
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1)
+    expected = torch.ops.aten.convolution_backward(
+        grad_out, x, torch.zeros(8, 16, 3, 3, dtype=dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+        [False, True, False],
+    )[1]
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_nothing_outside_the_input_is_read():
+    """The taps outside the map are zero padding: the kernel must not load the neighbouring
+    pixels (the previous row's last one, the previous image's last one), which are NaN here."""
+    x_all = torch.full((4, 16, 6, 6), float("nan")).contiguous(memory_format=torch.channels_last)
+    g_all = torch.full((4, 8, 6, 6), float("nan")).contiguous(memory_format=torch.channels_last)
+    x, grad_out = x_all[1:3], g_all[1:3]  # channels_last-contiguous views between NaN images
+    x.copy_(torch.randn(x.shape))
+    grad_out.copy_(torch.randn(grad_out.shape))
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.storage_offset() > 0
+    for stride in (1, 2):
+        g = grad_out if stride == 1 else grad_out[:, :, :3, :3].contiguous(memory_format=torch.channels_last)
+        got = torch.ops.resnet_fast.conv3x3_weight_grad(g, x, stride)
+        assert not got.isnan().any()
+        assert_weight_grad_close(got, g, x, stride)
+
+
+def test_infinities_propagate_like_pytorch():
+    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    x[0, 3, 0, 0] = float("inf")  # a corner: only some taps see it
+    grad_out = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1)
+    expected = reference.conv3x3_weight_grad(grad_out, x, 1)
+    assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.isinf(), expected.isinf())
+    assert got.isinf().any()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.randn(2, 8, 4, 4), torch.randn(2, 16, 4, 4), 3), "expected stride 1 or 2"),
+        ((torch.randn(2, 8, 4, 4), torch.randn(16, 4, 4), 1), "expected 4-D"),
+        ((torch.randn(2, 8, 4, 4), torch.randn(2, 16, 8, 8), 1), r"does not fit an input of shape"),
+        ((torch.randn(3, 8, 4, 4), torch.randn(2, 16, 8, 8), 2), r"does not fit an input of shape"),
+        ((torch.randn(2, 8, 4, 4), torch.randn(2, 16, 4, 4, dtype=torch.float64), 1), "x is Double but grad_out is Float"),
+    ],
+)
+def test_bad_input_is_refused_clearly(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.resnet_fast.conv3x3_weight_grad(*args)
+
+
+def test_forward_refuses_a_weight_that_is_not_3x3():
+    with pytest.raises(RuntimeError, match=r"expected a \(K, C, 3, 3\) weight"):
+        torch.ops.resnet_fast.conv3x3(torch.randn(1, 4, 5, 5), torch.randn(8, 4, 1, 1), 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("input_grad", [True, False])  # False: the stem, whose input is the batch
+def test_autograd_matches_pytorch(stride, layout, input_grad):
+    x = make_input((4, 16, 10, 9), torch.float32, layout, requires_grad=input_grad)
+    w = make_input((32, 16, 3, 3), torch.float32, layout, requires_grad=True)
+    y = torch.ops.resnet_fast.conv3x3(x, w, stride)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x_ref, w_ref = x.detach().double().requires_grad_(input_grad), w.detach().double().requires_grad_(True)
+    y_ref = reference.conv3x3(x_ref, w_ref, stride)
+    y_ref.backward(grad.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), w_ref.grad, rtol=1e-5, atol=1e-3)
+    assert w.grad.stride() == w.stride()  # the parameter's own layout
+    if input_grad:
+        torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-4)
+    else:
+        assert x.grad is None
+
+
+def test_gradcheck():
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    for stride in (1, 2):
+        assert torch.autograd.gradcheck(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, stride), (x, w))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(layout):
+    x = make_input((2, 8, 6, 5), torch.float32, layout, requires_grad=True)
+    w = make_input((4, 8, 3, 3), torch.float32, layout, requires_grad=True)
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3, (x, w, 2))
+    g = make_input((2, 4, 6, 5), torch.float32, layout)
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x.detach(), 1))
+
+
+def _ran_our_op(fn) -> bool:
+    with torch.profiler.profile() as prof:
+        fn()
+    return any(e.name == "resnet_fast::conv3x3" for e in prof.events())
+
+
+def test_routing():
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 16, 3, 3, requires_grad=True)
+    assert _ran_our_op(lambda: conv3x3(x, w, 1))
+    with torch.no_grad():  # nothing to differentiate: PyTorch's convolution
+        assert not _ran_our_op(lambda: conv3x3(x, w, 1))
+    assert not _ran_our_op(lambda: conv3x3(x, w.detach(), 1))
+    assert not _ran_our_op(lambda: conv3x3(x.double(), w.double(), 1))
+    with resnet_fast.use_backend("eager"):
+        assert not _ran_our_op(lambda: conv3x3(x, w, 1))
+    torch.testing.assert_close(conv3x3(x, w, 2), F.conv2d(x, w, None, 2, 1), rtol=0, atol=0)
+
+
+def test_models_route_their_3x3_convolutions_here_in_training():
+    model = resnet_fast.get_model("resnet20")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.profiler.profile() as prof:
+        model(x).sum().backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("resnet_fast::conv3x3") == 19  # every convolution of ResNet-20
+    assert names.count("resnet_fast::conv3x3_weight_grad") == 19
+
+
+def test_under_torch_compile():
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(16, 16, 3, 3, requires_grad=True)
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, 1).square().sum(), fullgraph=True)
+    f(x, w).backward()
+    x_ref, w_ref = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    reference.conv3x3(x_ref, w_ref, 1).square().sum().backward()
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 3), c8=st.integers(1, 5), k4=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9),
+    stride=st.sampled_from([1, 2]), channels_last=st.booleans(),
+)
+def test_random_shapes_match_float64(n, c8, k4, h, w, stride, channels_last):
+    layout = "channels_last" if channels_last else "contiguous"
+    x = make_input((n, 8 * c8, h, w), torch.float32, layout)
+    grad_out = make_input((n, 4 * k4, (h - 1) // stride + 1, (w - 1) // stride + 1), torch.float32, layout)
+    assert_weight_grad_close(torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, stride), grad_out, x, stride)
