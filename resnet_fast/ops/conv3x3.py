@@ -35,7 +35,9 @@ def conv3x3(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
 
 
 def register(ns: str) -> None:
-    """Fake kernels for ``{ns}::conv3x3`` and ``{ns}::conv3x3_weight_grad`` (autograd: C++)."""
+    """Fake kernels for ``{ns}::conv3x3`` and ``{ns}::conv3x3_weight_grad``, and the weight
+    gradient's own autograd (for double backward, e.g. a gradient penalty); conv3x3's autograd is
+    in C++."""
 
     @torch.library.register_fake(f"{ns}::conv3x3")
     def _(x, weight, stride):
@@ -48,6 +50,27 @@ def register(ns: str) -> None:
         return torch.empty(
             (grad_out.shape[1], x.shape[1], 3, 3), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
         )
+
+    # dW is bilinear in (grad_out, x): <V, dW> = sum(grad_out * conv3x3(x, V)), so its gradients
+    # for a cotangent V are conv3x3(x, V) and the input gradient of that convolution.
+    def _setup_context(ctx, inputs, output):
+        grad_out, x, stride = inputs
+        ctx.save_for_backward(grad_out, x)
+        ctx.stride = stride
+
+    def _backward(ctx, v):
+        grad_out, x = ctx.saved_tensors
+        s = ctx.stride
+        d_grad_out = d_x = None
+        if ctx.needs_input_grad[0]:
+            d_grad_out = F.conv2d(x, v, None, s, 1)
+        if ctx.needs_input_grad[1]:
+            d_x = torch.ops.aten.convolution_backward(
+                grad_out, x, v, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
+            )[0]
+        return d_grad_out, d_x, None
+
+    torch.library.register_autograd(f"{ns}::conv3x3_weight_grad", _backward, setup_context=_setup_context)
 
 
 if _backend.extension_available() and _backend.kernels()["conv3x3"]["cpu"]:

@@ -150,6 +150,30 @@ def test_gradcheck():
         assert torch.autograd.gradcheck(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, stride), (x, w))
 
 
+def test_gradgradcheck():
+    """Double backward (a gradient penalty): the weight gradient is itself differentiable."""
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    for stride in (1, 2):
+        assert torch.autograd.gradgradcheck(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, stride), (x, w))
+
+
+def test_double_backward_matches_pytorch_in_float32():
+    # float32 with C % 8 == 0: our kernel computes the first weight gradient.
+    def penalty(conv, x, w):
+        (gw,) = torch.autograd.grad(conv(x, w).square().sum(), w, create_graph=True)
+        gw.square().sum().backward()
+        return x.grad, w.grad
+
+    x = make_input((2, 8, 6, 6), torch.float32, "channels_last", requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, requires_grad=True)
+    ours = penalty(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, 1), x, w)
+    x_ref, w_ref = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    expected = penalty(lambda a, b: reference.conv3x3(a, b, 1), x_ref, w_ref)
+    for got, exp in zip(ours, expected):
+        torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-5 * exp.abs().max().item())
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck(layout):
     x = make_input((2, 8, 6, 5), torch.float32, layout, requires_grad=True)
