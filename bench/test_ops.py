@@ -92,6 +92,32 @@ def test_conv3x3_fwd_bwd(benchmark, shape, out_channels, stride):
     )
 
 
+@pytest.mark.parametrize("shape", [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)], ids=str)
+def test_conv3x3_bias_act_inference(benchmark, shape):
+    """ResNet-50's stride-1 3x3 convolutions at batch 8 in inference, BatchNorm folded: Winograd
+    against the strongest baseline, oneDNN's direct convolution with prepacked weights and the
+    bias and ReLU as post-ops (what resnet_fast ran before, and what torch.compile's freezing runs)."""
+    cl = torch.channels_last
+    c = shape[1]
+    x = torch.randn(shape).relu().contiguous(memory_format=cl)
+    weight, bias = torch.randn(c, c, 3, 3) / (3 * c**0.5), torch.randn(c)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(
+        weight.contiguous(memory_format=cl), [1, 1], [1, 1], [1, 1], 1, list(shape)
+    )
+    u = resnet_fast.ops.winograd_weight(weight)
+
+    def ours():
+        with torch.inference_mode():
+            resnet_fast.ops.conv3x3_bias_act(x, u, bias, None, True)
+
+    def onednn():
+        with torch.inference_mode():
+            torch.ops.mkldnn._convolution_pointwise(x, packed, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [None], "")
+
+    compare(benchmark, f"conv3x3_bias_act inference {shape} channels_last", shape[0], ours,
+            {"oneDNN (prepacked, ReLU post-op)": onednn}, pairs=30, rounds=10)
+
+
 # (shape, residual): ResNet-20's stages at batch 128 and ResNet-50's at batch 16.
 CASES = [
     ((128, 16, 32, 32), None),

@@ -44,4 +44,8 @@ TORCH_LIBRARY(resnet_fast, m) {
   // csrc/cpu/conv3x3.cpp). conv3x3_weight_grad returns dW of shape (K, C, 3, 3) in channels_last.
   m.def("conv3x3(Tensor x, Tensor weight, int stride) -> Tensor");
   m.def("conv3x3_weight_grad(Tensor grad_out, Tensor x, int stride) -> Tensor");
+  // Inference: relu(conv3x3(x, weight) + bias + residual), stride 1, padding 1, by Winograd
+  // F(2x2, 3x3) with the weight given transformed, (16, C, K) (resnet_fast.ops.conv3x3_winograd).
+  // CPU, float32 only.
+  m.def("conv3x3_bias_act(Tensor x, Tensor weight_winograd, Tensor bias, Tensor? residual, bool relu) -> Tensor");
 }

@@ -101,8 +101,8 @@ def triton_available() -> bool:
 
 
 # Ops with compiled kernels, and which devices each one covers: {op: {"cpu", "cuda", "triton": bool}}.
-EXTENSION_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d", "conv3x3")
-TRITON_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act")  # max_pool2d and conv3x3 are CPU-only
+EXTENSION_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d", "conv3x3", "conv3x3_bias_act")
+TRITON_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act")  # the others are CPU-only
 _KERNELS = {
     op: {"cpu": _registered(op, "CPU"), "cuda": _registered(op, "CUDA"), "triton": _triton_error is None and op in TRITON_OPS}
     for op in EXTENSION_OPS

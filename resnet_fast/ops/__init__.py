@@ -6,6 +6,7 @@ from . import reference
 from .batch_norm_act import batch_norm_act
 from .bias_act import bias_act
 from .conv3x3 import conv3x3
+from .conv3x3_winograd import conv3x3_bias_act, winograd_weight
 from .max_pool2d import max_pool2d
 from .zero_pad_shortcut import zero_pad_shortcut
 
@@ -15,4 +16,7 @@ if _backend.triton_available():
     except Exception as exc:  # a triton release these kernels do not support
         _backend._disable_triton(f"resnet_fast.triton failed to import ({type(exc).__name__}: {exc})")
 
-__all__ = ["batch_norm_act", "bias_act", "conv3x3", "max_pool2d", "reference", "zero_pad_shortcut"]
+__all__ = [
+    "batch_norm_act", "bias_act", "conv3x3", "conv3x3_bias_act", "max_pool2d", "reference", "winograd_weight",
+    "zero_pad_shortcut",
+]

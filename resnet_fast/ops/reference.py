@@ -96,3 +96,10 @@ def conv3x3_weight_grad(grad_out: Tensor, x: Tensor, stride: int) -> Tensor:
     ``dW[k, c, r, s] = sum_{n, h, w} grad_out[n, k, h, w] * x[n, c, h*stride + r - 1, w*stride + s - 1]``.
     grad_out: (N, K, OH, OW), x: (N, C, H, W) -> (K, C, 3, 3)."""
     return torch.nn.grad.conv2d_weight(x, (grad_out.shape[1], x.shape[1], 3, 3), grad_out, stride, 1)
+
+
+def conv3x3_bias_act(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
+    """Inference's 3x3 convolution (stride 1, padding 1) with a BatchNorm folded into ``weight``
+    and ``bias`` (see :func:`bias_act`): ``y = relu(conv3x3(x, weight) + bias[k] + residual)``.
+    x: (N, C, H, W), weight: (K, C, 3, 3), bias: (K,), residual: (N, K, H, W)."""
+    return bias_act(F.conv2d(x, weight, None, 1, 1), bias, residual, relu)

@@ -1,0 +1,152 @@
+// Inference 3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3),
+// with the BatchNorm-folded bias, an optional residual and ReLU as its epilogue. Formula:
+// resnet_fast.ops.reference.conv3x3_bias_act; the weight transform U = G g G^T is
+// resnet_fast.ops.conv3x3_winograd.winograd_weight (done once per folded weight, cached).
+//
+// Each 2x2 output tile t comes from a 4x4 input tile d: Y = A^T [ (G g G^T) . (B^T d B) ] A,
+// so a convolution becomes, per tile block, an input transform V[xi][t][c] (xi: the 16 positions
+// of the 4x4 transform), 16 matrix products M[xi] = V[xi] U[xi] (tiles x C times C x K: at::bmm,
+// oneDNN/MKL's sgemm) and an output transform with the epilogue. 2.25x fewer multiplications
+// than the direct convolution; the transforms are a few additions per value. On this 2-core AVX2
+// machine (no oneDNN Winograd without AVX-512) ResNet-50's stride-1 3x3 convolutions at batch 8
+// took 6.3-7.3 ms against oneDNN's 9.3-9.5 (1.3-1.7x), as accurate or more (float32, against float64).
+//
+// Narrow maps (C < 256) run tile blocks in parallel, each thread through its own V and M that stay
+// in cache; wide ones (C >= 256, few tiles) run one block with the transforms and the products
+// each parallel.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/isa.h"
+
+namespace resnet_fast {
+
+namespace cpu_generic {
+#include "cpu/conv3x3_winograd_kernels.inc"
+}  // namespace cpu_generic
+
+#ifdef RESNET_FAST_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace cpu_avx2 {
+#include "cpu/conv3x3_winograd_kernels.inc"
+}  // namespace cpu_avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+struct Plan {
+  int64_t N, C, H, W, K, TH, TW;  // TH x TW tiles per image
+  const float* x;
+  const float* bias;
+  const float* residual;  // nullptr: none
+  float* y;
+  const float* zeros;  // max(C, K) zeros: the padding's pixels and an absent residual
+  bool relu;
+};
+
+// Input tiles [t0, t0 + cnt) into V (16 x vs floats apart, tile q at q * C).
+void input_tiles(const Plan& p, int64_t t0, int64_t cnt, float* V, int64_t vs) {
+  for (int64_t q = 0; q < cnt; ++q) {
+    const int64_t t = t0 + q, n = t / (p.TH * p.TW), ty = (t / p.TW) % p.TH, tx = t % p.TW;
+    const float* px[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t h = 2 * ty - 1 + i, w = 2 * tx - 1 + j;
+        px[i][j] = (h >= 0 && h < p.H && w >= 0 && w < p.W) ? p.x + ((n * p.H + h) * p.W + w) * p.C : p.zeros;
+      }
+    RF_ISA(input_tile)(px, V + q * p.C, vs, p.C);
+  }
+}
+
+void output_tiles(const Plan& p, int64_t t0, int64_t cnt, const float* M, int64_t ms, float* scratch) {
+  for (int64_t q = 0; q < cnt; ++q) {
+    const int64_t t = t0 + q, n = t / (p.TH * p.TW), ty = (t / p.TW) % p.TH, tx = t % p.TW;
+    const float* r[2][2];
+    float* y[2][2];
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) {
+        const int64_t h = 2 * ty + i, w = 2 * tx + j;
+        const bool in_map = h < p.H && w < p.W;
+        const int64_t off = ((n * p.H + h) * p.W + w) * p.K;
+        y[i][j] = in_map ? p.y + off : scratch;
+        r[i][j] = in_map && p.residual ? p.residual + off : p.zeros;
+      }
+    RF_ISA(output_tile)(M + q * p.K, ms, p.bias, r, y, p.K, p.relu);
+  }
+}
+
+at::Tensor conv3x3_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
+                                const std::optional<at::Tensor>& residual, bool relu) {
+  TORCH_CHECK(x.dim() == 4, "conv3x3_bias_act: expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight_winograd.scalar_type() == at::kFloat &&
+                  bias.scalar_type() == at::kFloat,
+              "conv3x3_bias_act: expected float32 tensors, got x ", x.scalar_type(), ", weight ",
+              weight_winograd.scalar_type(), ", bias ", bias.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(weight_winograd.dim() == 3 && weight_winograd.size(0) == 16 && weight_winograd.size(1) == C,
+              "conv3x3_bias_act: expected a Winograd weight of shape (16, ", C, ", K) (winograd_weight of a (K, ", C,
+              ", 3, 3) weight), got ", weight_winograd.sizes());
+  const int64_t K = weight_winograd.size(2);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == K, "conv3x3_bias_act: expected a bias of shape (", K, "), got ",
+              bias.sizes());
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor res;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({N, K, H, W}) && residual->scalar_type() == at::kFloat,
+                "conv3x3_bias_act: expected a float32 residual of shape (", N, ", ", K, ", ", H, ", ", W, "), got ",
+                residual->scalar_type(), " ", residual->sizes());
+    res = residual->contiguous(cl);
+  }
+  at::Tensor y = at::empty({N, K, H, W}, x.options().memory_format(cl));
+  if (y.numel() == 0) return y;
+  const at::Tensor xc = x.contiguous(cl), U = weight_winograd.contiguous(), b = bias.contiguous();
+  const at::Tensor zeros = at::zeros({std::max(C, K)}, x.options());
+  const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
+  const Plan p{N, C, H, W, K, TH, TW, xc.const_data_ptr<float>(), b.const_data_ptr<float>(),
+               res.defined() ? res.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(),
+               zeros.const_data_ptr<float>(), relu};
+  // Tiles per block: V and M of a block (16 x tiles x (C + K) floats) about 1 MB for narrow maps.
+  const int64_t block = C >= 256 ? T : std::max<int64_t>(16, 8192 / std::max<int64_t>(C, 8));
+  const int64_t blocks = (T + block - 1) / block;
+  if (blocks == 1) {  // one block: the transforms and the products each parallel
+    at::Tensor V = at::empty({16, T, C}, x.options()), M = at::empty({16, T, K}, x.options());
+    float* v = V.mutable_data_ptr<float>();
+    at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) { input_tiles(p, t0, t1 - t0, v + t0 * C, T * C); });
+    at::bmm_out(M, V, U);
+    const float* m = M.const_data_ptr<float>();
+    at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+      std::vector<float> scratch(K);
+      output_tiles(p, t0, t1 - t0, m + t0 * K, T * K, scratch.data());
+    });
+    return y;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor V = at::empty({16, block, C}, x.options()), M = at::empty({16, block, K}, x.options());
+    std::vector<float> scratch(K);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t t0 = blk * block, cnt = std::min(block, T - t0);
+      input_tiles(p, t0, cnt, V.mutable_data_ptr<float>(), block * C);
+      at::Tensor Mv = M.narrow(1, 0, cnt);
+      at::bmm_out(Mv, V.narrow(1, 0, cnt), U);  // single-threaded inside a parallel region
+      output_tiles(p, t0, cnt, M.const_data_ptr<float>(), block * K, scratch.data());
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("conv3x3_bias_act", &conv3x3_bias_act_cpu);
+}
+
+}  // namespace resnet_fast

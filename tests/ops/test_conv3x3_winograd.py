@@ -1,0 +1,122 @@
+"""conv3x3_bias_act (inference 3x3 convolution by Winograd F(2x2, 3x3) with bias, residual and
+ReLU) against its formula, reference.conv3x3_bias_act, computed in float64."""
+
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast.ops import conv3x3_bias_act, reference, winograd_weight
+from tests.conftest import make_input, requires_extension
+
+pytestmark = requires_extension
+
+# (N, C, H, W, K): ResNet-50's stages, and awkward ones.
+SHAPES = [
+    (2, 64, 14, 14, 64),
+    (1, 128, 7, 7, 256),  # odd map: the last tiles overhang it
+    (3, 8, 5, 6, 16),  # odd height, even width, batch 3
+    (2, 16, 1, 1, 8),  # 1x1 map: one tile, three of its four outputs outside
+    (1, 8, 2, 3, 24),
+    (2, 256, 4, 4, 64),  # wide: one block, the transforms and products each parallel
+]
+
+
+def expected_output(x, weight, bias, residual, relu):
+    r = None if residual is None else residual.double()
+    return reference.conv3x3_bias_act(x.double(), weight.double(), bias.double(), r, relu)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "noncontiguous"])
+@pytest.mark.parametrize("with_residual, relu", [(False, True), (True, True), (False, False)])
+def test_matches_formula(shape, layout, with_residual, relu):
+    n, c, h, w, k = shape
+    x = make_input((n, c, h, w), torch.float32, layout)
+    weight = torch.randn(k, c, 3, 3) / (3 * c**0.5)
+    bias = torch.randn(k)
+    residual = make_input((n, k, h, w), torch.float32, layout) if with_residual else None
+    y = conv3x3_bias_act(x, winograd_weight(weight), bias, residual, relu)
+    assert y.shape == (n, k, h, w) and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), expected_output(x, weight, bias, residual, relu), rtol=1e-5, atol=2e-5)
+
+
+def test_weight_transform_is_g_g_gt():
+    g = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    weight = torch.randn(5, 3, 3, 3)
+    u = winograd_weight(weight)
+    assert u.shape == (16, 3, 5) and u.dtype == torch.float32
+    for kk in range(5):
+        for cc in range(3):
+            expected = (g @ weight[kk, cc].double() @ g.T).reshape(16).float()
+            torch.testing.assert_close(u[:, cc, kk], expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"expected a \(K, C, 3, 3\) weight"):
+        winograd_weight(torch.randn(4, 3, 1, 1))
+
+
+def test_non_finite_inputs_stay_within_their_tiles():
+    """A NaN input reaches every output whose 3x3 window holds it, as in the direct convolution;
+    Winograd mixes the 4x4 input tile, so it also reaches the rest of those 2x2 output tiles, and
+    nothing beyond them."""
+    x = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    x[0, 2, 3, 4] = float("nan")
+    weight, bias = torch.randn(8, 8, 3, 3), torch.randn(8)
+    y = conv3x3_bias_act(x, winograd_weight(weight), bias, None, False)
+    expected = expected_output(x, weight, bias, None, False)
+    assert (y.isnan() | ~expected.isnan()).all()  # NaN wherever the formula has one
+    tiles = torch.zeros(8, 8, dtype=torch.bool)
+    tiles[2:6, 2:6] = True  # the 2x2 tiles whose 4x4 input windows hold pixel (3, 4)
+    assert y[:, :, ~tiles].isfinite().all()
+    torch.testing.assert_close(y[:, :, ~tiles].double(), expected[:, :, ~tiles], rtol=1e-5, atol=2e-5)
+
+
+def test_relu_keeps_nan_like_torch_relu():
+    x = torch.zeros(1, 8, 2, 2).contiguous(memory_format=torch.channels_last)
+    bias = torch.zeros(8)
+    bias[3] = float("nan")
+    y = conv3x3_bias_act(x, winograd_weight(torch.zeros(8, 8, 3, 3)), bias, None, True)
+    assert y[:, 3].isnan().all() and (y[:, :3] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.randn(8, 4, 4), torch.randn(16, 8, 8), torch.randn(8), None, True), "expected a 4-D"),
+        ((torch.randn(1, 8, 4, 4), torch.randn(16, 4, 8), torch.randn(8), None, True), r"Winograd weight of shape \(16, 8, K\)"),
+        ((torch.randn(1, 8, 4, 4), torch.randn(16, 8, 8), torch.randn(4), None, True), r"bias of shape \(8\)"),
+        ((torch.randn(1, 8, 4, 4), torch.randn(16, 8, 8), torch.randn(8), torch.randn(1, 8, 2, 2), True), "residual of shape"),
+        ((torch.randn(1, 8, 4, 4).double(), torch.randn(16, 8, 8), torch.randn(8), None, True), "expected float32"),
+    ],
+)
+def test_bad_input_is_refused_clearly(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.resnet_fast.conv3x3_bias_act(*args)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(layout):
+    x = make_input((2, 8, 5, 4), torch.float32, layout)
+    residual = make_input((2, 16, 5, 4), torch.float32, layout)
+    u = winograd_weight(torch.randn(16, 8, 3, 3))
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_bias_act, (x, u, torch.randn(16), residual, True))
+
+
+def _count(model, x, name):
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        model(x)
+    return sum(e.name == name for e in prof.events())
+
+
+def test_resnet50_inference_runs_its_wide_3x3_convolutions_here():
+    model = resnet_fast.ResNet50().eval()
+    x = torch.randn(1, 3, 64, 64)
+    # The stride-1 3x3s: 3 in layer1, 3 of layer2's 4 (its first has stride 2), 5 of 6, 2 of 3.
+    assert _count(model, x, "resnet_fast::conv3x3_bias_act") == 13
+    with resnet_fast.use_backend("eager"):
+        assert _count(model, x, "resnet_fast::conv3x3_bias_act") == 0
+    model.train()  # training: the convolutions with BatchNorm unfolded
+    assert _count(model, torch.randn(2, 3, 64, 64), "resnet_fast::conv3x3_bias_act") == 0
+
+
+def test_narrow_convolutions_keep_onednn():
+    model = resnet_fast.get_model("resnet20").eval()  # 16 and 32 channels: oneDNN; 64: ours
+    assert _count(model, torch.randn(2, 3, 32, 32), "resnet_fast::conv3x3_bias_act") == 5
