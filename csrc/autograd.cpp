@@ -135,17 +135,23 @@ class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
   }
 };
 
-// conv3x3: the input gradient is ATen's (oneDNN's backward-data), the weight gradient ours.
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>& conv3x3_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resnet_fast::conv3x3", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op;
+}
+
+// conv3x3: at stride 1 the input gradient is the op itself on the flipped, transposed weight (so
+// Winograd runs it where it runs the forward, and double backward differentiates it again); at
+// stride 2 it is ATen's (oneDNN's backward-data). The weight gradient is ours.
 class Conv3x3 : public torch::autograd::Function<Conv3x3> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("resnet_fast::conv3x3", "")
-                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
     ctx->save_for_backward({x, weight});
     ctx->saved_data["stride"] = stride;
-    return {op.call(x, weight, stride)};
+    return {conv3x3_op().call(x, weight, stride)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -156,9 +162,13 @@ class Conv3x3 : public torch::autograd::Function<Conv3x3> {
     const at::Tensor &x = saved[0], &weight = saved[1];
     const int64_t stride = ctx->saved_data["stride"].toInt();
     at::Tensor grad_x, grad_weight;
-    if (ctx->needs_input_grad(0))
-      grad_x = std::get<0>(at::convolution_backward(grads[0], x, weight, std::nullopt, {stride, stride}, {1, 1},
-                                                    {1, 1}, false, {0, 0}, 1, {true, false, false}));
+    if (ctx->needs_input_grad(0)) {
+      if (stride == 1 && x.device().is_cpu())  // the convolution with the flipped, transposed weight
+        grad_x = conv3x3_op().call(grads[0], weight.flip({2, 3}).transpose(0, 1), 1);
+      else
+        grad_x = std::get<0>(at::convolution_backward(grads[0], x, weight, std::nullopt, {stride, stride}, {1, 1},
+                                                      {1, 1}, false, {0, 0}, 1, {true, false, false}));
+    }
     if (ctx->needs_input_grad(1)) {
       grad_weight = weight_grad_op.call(grads[0], x, stride);
       if (!grad_weight.is_contiguous(weight.suggest_memory_format()))  // the parameter's own layout

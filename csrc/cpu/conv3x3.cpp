@@ -1,7 +1,9 @@
 // The 3x3 convolution of the residual nets (padding 1, no bias, stride 1 or 2) in training: the
-// forward and the input gradient are ATen's (oneDNN runs them at 170-200 GFLOP/s here); the
-// weight gradient is our AVX2 kernel below where it is faster than oneDNN's (which ran ResNet-20's
-// at 125-140 GFLOP/s, about two thirds of this CPU's peak).
+// forward and the input gradient are ATen's (oneDNN runs them at 170-200 GFLOP/s here), except
+// on wide stride-1 maps (64 or more channels in and out), where Winograd F(2x2, 3x3) runs both
+// (conv3x3_winograd.cpp; the input gradient is the convolution with the flipped, transposed
+// weight); the weight gradient is our AVX2 kernel below where it is faster than oneDNN's (which
+// ran ResNet-20's at 125-140 GFLOP/s, about two thirds of this CPU's peak).
 // Formula: resnet_fast.ops.reference.conv3x3_weight_grad.
 //
 //   dW[k, c, r, s] = sum over n, h, w of dy[n, k, h, w] * x[n, c, h*stride + r - 1, w*stride + s - 1]
@@ -29,6 +31,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/conv3x3_winograd.h"
 #include "cpu/isa.h"
 
 #ifdef RESNET_FAST_AVX2
@@ -210,6 +213,8 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t st
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "conv3x3: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
   TORCH_CHECK(stride == 1 || stride == 2, "conv3x3: expected stride 1 or 2, got ", stride);
+  if (winograd_applies(x, weight, stride))  // wide stride-1 maps: Winograd (the weight transformed per call)
+    return winograd_conv3x3(x, winograd_weight(weight), at::zeros({weight.size(0)}, x.options()), std::nullopt, false);
   return at::convolution(x, weight, std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false, {0, 0}, 1);
 }
 

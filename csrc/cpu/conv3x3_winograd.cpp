@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -24,6 +26,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/conv3x3_winograd.h"
 #include "cpu/isa.h"
 
 namespace resnet_fast {
@@ -84,8 +87,10 @@ void output_tiles(const Plan& p, int64_t t0, int64_t cnt, const float* M, int64_
   }
 }
 
-at::Tensor conv3x3_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
-                                const std::optional<at::Tensor>& residual, bool relu) {
+}  // namespace
+
+at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& residual, bool relu) {
   TORCH_CHECK(x.dim() == 4, "conv3x3_bias_act: expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight_winograd.scalar_type() == at::kFloat &&
                   bias.scalar_type() == at::kFloat,
@@ -143,10 +148,30 @@ at::Tensor conv3x3_bias_act_cpu(const at::Tensor& x, const at::Tensor& weight_wi
   return y;
 }
 
-}  // namespace
+at::Tensor winograd_weight(const at::Tensor& weight) {
+  // The 16 x 9 matrix taking a kernel's 9 taps (3r + s) to its 16 transformed values (4i + j):
+  // G[i][r] * G[j][s], G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1] (exact in binary).
+  static const float G[4][3] = {{1.f, 0.f, 0.f}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0.f, 0.f, 1.f}};
+  std::vector<float> t(16 * 9);
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j)
+      for (int r = 0; r < 3; ++r)
+        for (int s = 0; s < 3; ++s) t[(4 * i + j) * 9 + 3 * r + s] = G[i][r] * G[j][s];
+  const at::Tensor transform = at::tensor(t, weight.options()).view({16, 9});
+  const int64_t K = weight.size(0), C = weight.size(1);
+  const at::Tensor u = at::matmul(transform, weight.contiguous().view({K * C, 9}).t());  // (16, K*C)
+  return u.view({16, K, C}).transpose(1, 2).contiguous();
+}
+
+bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
+  const int64_t C = weight.size(1), K = weight.size(0);
+  return stride == 1 && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.dim() == 4 &&
+         x.size(1) == C && weight.size(2) == 3 && weight.size(3) == 3 && C >= 64 && K >= 64 && C % 8 == 0 &&
+         K % 8 == 0;
+}
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
-  m.impl("conv3x3_bias_act", &conv3x3_bias_act_cpu);
+  m.impl("conv3x3_bias_act", &winograd_conv3x3);
 }
 
 }  // namespace resnet_fast

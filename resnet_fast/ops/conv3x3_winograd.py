@@ -4,7 +4,9 @@ only for AVX-512, and this machine's AVX2 runs ResNet-50's stride-1 3x3 convolut
 faster this way (fewer multiplications: 16 per 2x2 outputs and input channel instead of 36).
 
 Formula: :func:`resnet_fast.ops.reference.conv3x3_bias_act`. Kernel: ``csrc/cpu/conv3x3_winograd.cpp``.
-Used by :func:`resnet_fast.nn.conv_bn_act` in inference (``model.eval()``, nothing to differentiate).
+Used by :func:`resnet_fast.nn.conv_bn_act` in inference (``model.eval()``, nothing to differentiate);
+training's :func:`resnet_fast.ops.conv3x3` runs the same kernel from C++ for its forward and input
+gradient, with the weight transformed at each call.
 """
 
 from __future__ import annotations

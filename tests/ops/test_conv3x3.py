@@ -125,9 +125,11 @@ def test_forward_refuses_a_weight_that_is_not_3x3():
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("input_grad", [True, False])  # False: the stem, whose input is the batch
-def test_autograd_matches_pytorch(stride, layout, input_grad):
-    x = make_input((4, 16, 10, 9), torch.float32, layout, requires_grad=input_grad)
-    w = make_input((32, 16, 3, 3), torch.float32, layout, requires_grad=True)
+@pytest.mark.parametrize("channels", [(16, 32), (64, 72)])  # (64, 72) at stride 1: Winograd's forward and input gradient
+def test_autograd_matches_pytorch(stride, layout, input_grad, channels):
+    c, k = channels
+    x = make_input((4, c, 10, 9), torch.float32, layout, requires_grad=input_grad)
+    w = make_input((k, c, 3, 3), torch.float32, layout, requires_grad=True)
     y = torch.ops.resnet_fast.conv3x3(x, w, stride)
     grad = torch.randn_like(y)
     y.backward(grad)
@@ -141,6 +143,15 @@ def test_autograd_matches_pytorch(stride, layout, input_grad):
         torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-4)
     else:
         assert x.grad is None
+
+
+def test_wide_stride1_maps_run_winograd_in_training():
+    x = torch.randn(2, 64, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(64, 64, 3, 3, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        torch.ops.resnet_fast.conv3x3(x, w, 1).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "aten::bmm" in names and "aten::convolution" not in names and "aten::convolution_backward" not in names
 
 
 def test_gradcheck():
@@ -158,15 +169,16 @@ def test_gradgradcheck():
         assert torch.autograd.gradgradcheck(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, stride), (x, w))
 
 
-def test_double_backward_matches_pytorch_in_float32():
+@pytest.mark.parametrize("c", [8, 64])  # 64: Winograd runs the forward and the input gradient
+def test_double_backward_matches_pytorch_in_float32(c):
     # float32 with C % 8 == 0: our kernel computes the first weight gradient.
     def penalty(conv, x, w):
         (gw,) = torch.autograd.grad(conv(x, w).square().sum(), w, create_graph=True)
         gw.square().sum().backward()
         return x.grad, w.grad
 
-    x = make_input((2, 8, 6, 6), torch.float32, "channels_last", requires_grad=True)
-    w = torch.randn(8, 8, 3, 3, requires_grad=True)
+    x = make_input((2, c, 6, 6), torch.float32, "channels_last", requires_grad=True)
+    w = torch.randn(c, c, 3, 3, requires_grad=True)
     ours = penalty(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, 1), x, w)
     x_ref, w_ref = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
     expected = penalty(lambda a, b: reference.conv3x3(a, b, 1), x_ref, w_ref)
@@ -208,7 +220,9 @@ def test_models_route_their_3x3_convolutions_here_in_training():
     with torch.profiler.profile() as prof:
         model(x).sum().backward()
     names = [e.name for e in prof.events()]
-    assert names.count("resnet_fast::conv3x3") == 19  # every convolution of ResNet-20
+    # Every convolution of ResNet-20 forward, and again for the input gradient of the 16 at stride 1
+    # whose input needs one (not the stem's: the batch).
+    assert names.count("resnet_fast::conv3x3") == 19 + 16
     assert names.count("resnet_fast::conv3x3_weight_grad") == 19
 
 
