@@ -1,6 +1,6 @@
 // The 3x3 convolution of the residual nets (padding 1, no bias, stride 1 or 2) in training: the
 // forward and the input gradient are ATen's (oneDNN runs them at 170-200 GFLOP/s here), except
-// on wide stride-1 maps (64 or more channels in and out), where Winograd F(2x2, 3x3) runs both
+// on wide stride-1 maps (64 to 256 channels in and out), where Winograd F(2x2, 3x3) runs both
 // (conv3x3_winograd.cpp; the input gradient is the convolution with the flipped, transposed
 // weight); the weight gradient is our AVX2 kernel below where it is faster than oneDNN's (which
 // ran ResNet-20's at 125-140 GFLOP/s, about two thirds of this CPU's peak).

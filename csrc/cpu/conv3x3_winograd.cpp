@@ -12,8 +12,8 @@
 // took 6.3-7.3 ms against oneDNN's 9.3-9.5 (1.3-1.7x), as accurate or more (float32, against float64).
 //
 // Narrow maps (C < 256) run tile blocks in parallel, each thread through its own V and M that stay
-// in cache; wide ones (C >= 256, few tiles) run one block with the transforms and the products
-// each parallel.
+// in cache; wide ones (C >= 256, few tiles) run chunks of tiles one after another, with the
+// transforms and the products each parallel (V and M at most 8 MB).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
@@ -119,21 +119,31 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
   const Plan p{N, C, H, W, K, TH, TW, xc.const_data_ptr<float>(), b.const_data_ptr<float>(),
                res.defined() ? res.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(),
                zeros.const_data_ptr<float>(), relu};
-  // Tiles per block: V and M of a block (16 x tiles x (C + K) floats) about 1 MB for narrow maps.
-  const int64_t block = C >= 256 ? T : std::max<int64_t>(16, 8192 / std::max<int64_t>(C, 8));
-  const int64_t blocks = (T + block - 1) / block;
-  if (blocks == 1) {  // one block: the transforms and the products each parallel
-    at::Tensor V = at::empty({16, T, C}, x.options()), M = at::empty({16, T, K}, x.options());
+  if (C >= 256) {
+    // Few tiles, wide products: chunks of tiles one after another, each with the transforms and
+    // the products parallel; V and M of a chunk (16 x tiles x (C + K) floats) at most 8 MB.
+    const int64_t chunk = std::max<int64_t>(32, (int64_t(8) << 20) / (64 * (C + K)));
+    const int64_t rows = std::min(chunk, T);
+    at::Tensor V = at::empty({16, rows, C}, x.options()), M = at::empty({16, rows, K}, x.options());
     float* v = V.mutable_data_ptr<float>();
-    at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) { input_tiles(p, t0, t1 - t0, v + t0 * C, T * C); });
-    at::bmm_out(M, V, U);
     const float* m = M.const_data_ptr<float>();
-    at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-      std::vector<float> scratch(K);
-      output_tiles(p, t0, t1 - t0, m + t0 * K, T * K, scratch.data());
-    });
+    for (int64_t c0 = 0; c0 < T; c0 += rows) {
+      const int64_t cnt = std::min(rows, T - c0);
+      at::parallel_for(0, cnt, 16, [&](int64_t q0, int64_t q1) {
+        input_tiles(p, c0 + q0, q1 - q0, v + q0 * C, rows * C);
+      });
+      at::Tensor Mv = M.narrow(1, 0, cnt);
+      at::bmm_out(Mv, V.narrow(1, 0, cnt), U);
+      at::parallel_for(0, cnt, 16, [&](int64_t q0, int64_t q1) {
+        std::vector<float> scratch(K);
+        output_tiles(p, c0 + q0, q1 - q0, m + q0 * K, rows * K, scratch.data());
+      });
+    }
     return y;
   }
+  // Narrow maps: blocks of tiles in parallel, V and M of a block about 1 MB (in cache).
+  const int64_t block = std::max<int64_t>(16, 8192 / std::max<int64_t>(C, 8));
+  const int64_t blocks = (T + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor V = at::empty({16, block, C}, x.options()), M = at::empty({16, block, K}, x.options());
     std::vector<float> scratch(K);
@@ -159,15 +169,16 @@ at::Tensor winograd_weight(const at::Tensor& weight) {
         for (int s = 0; s < 3; ++s) t[(4 * i + j) * 9 + 3 * r + s] = G[i][r] * G[j][s];
   const at::Tensor transform = at::tensor(t, weight.options()).view({16, 9});
   const int64_t K = weight.size(0), C = weight.size(1);
-  const at::Tensor u = at::matmul(transform, weight.contiguous().view({K * C, 9}).t());  // (16, K*C)
-  return u.view({16, K, C}).transpose(1, 2).contiguous();
+  // (9, C*K): tap-major, then c, then k, so that the product is U's own (16, C, K) layout.
+  const at::Tensor taps = weight.permute({2, 3, 1, 0}).reshape({9, C * K});
+  return at::matmul(transform, taps).view({16, C, K});
 }
 
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
   const int64_t C = weight.size(1), K = weight.size(0);
   return stride == 1 && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.dim() == 4 &&
          x.size(1) == C && weight.size(2) == 3 && weight.size(3) == 3 && C >= 64 && K >= 64 && C % 8 == 0 &&
-         K % 8 == 0;
+         K % 8 == 0 && C * K <= 256 * 256;
 }
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {

@@ -15,9 +15,11 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
 // U[4i + j, c, k] = (G weight[k, c] G^T)[i, j] for a (K, C, 3, 3) float32 weight, in float32.
 at::Tensor winograd_weight(const at::Tensor& weight);
 
-// Whether Winograd runs this convolution faster than oneDNN here: float32, stride 1, 64 or more
+// Whether training's conv3x3 runs this convolution by Winograd: float32, stride 1, 64 or more
 // channels in and out, both multiples of 8 (ResNet-50's 3x3s: 1.25-1.7x; with 16 channels oneDNN
-// is faster).
+// is faster), and C * K at most 256 * 256: training transforms the weight at every call, and at
+// 512 x 512 that transform (16 MB, plus 9 MB of reordered taps) raised ResNet-50's peak memory
+// above eager's.
 bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride);
 
 }  // namespace resnet_fast

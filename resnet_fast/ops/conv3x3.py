@@ -4,7 +4,7 @@ forward and input gradient reach; the AVX2 kernel in ``csrc/cpu/conv3x3.cpp`` ru
 
 Formula: :func:`resnet_fast.ops.reference.conv3x3` and
 :func:`resnet_fast.ops.reference.conv3x3_weight_grad`. The op's forward and input gradient are
-ATen's, or at stride 1 with 64 or more channels in and out Winograd's (``csrc/cpu/conv3x3_winograd.cpp``);
+ATen's, or at stride 1 with 64 to 256 channels in and out Winograd's (``csrc/cpu/conv3x3_winograd.cpp``);
 its autograd is in ``csrc/autograd.cpp``. GPUs keep PyTorch's convolution (cuDNN).
 """
 

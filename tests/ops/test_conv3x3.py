@@ -152,6 +152,12 @@ def test_wide_stride1_maps_run_winograd_in_training():
         torch.ops.resnet_fast.conv3x3(x, w, 1).sum().backward()
     names = {e.name for e in prof.events()}
     assert "aten::bmm" in names and "aten::convolution" not in names and "aten::convolution_backward" not in names
+    # 512 x 512 channels: oneDNN's (the per-call weight transform would cost more memory than eager).
+    x = torch.randn(2, 512, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(512, 512, 3, 3, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        torch.ops.resnet_fast.conv3x3(x, w, 1).sum().backward()
+    assert "aten::bmm" not in {e.name for e in prof.events()}
 
 
 def test_gradcheck():
