@@ -1,7 +1,8 @@
-// Inference 3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3),
-// with the BatchNorm-folded bias, an optional residual and ReLU as its epilogue. Formula:
-// resnet_fast.ops.reference.conv3x3_bias_act; the weight transform U = G g G^T is
-// resnet_fast.ops.conv3x3_winograd.winograd_weight (done once per folded weight, cached).
+// 3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3), with a bias,
+// an optional residual and ReLU as its epilogue: the inference op conv3x3_bias_act (formula:
+// resnet_fast.ops.reference.conv3x3_bias_act; the BatchNorm-folded weight transformed once by
+// resnet_fast.ops.winograd_weight and cached), and training's conv3x3 forward and input gradient
+// (conv3x3.cpp; the weight transformed at each call by winograd_weight below).
 //
 // Each 2x2 output tile t comes from a 4x4 input tile d: Y = A^T [ (G g G^T) . (B^T d B) ] A,
 // so a convolution becomes, per tile block, an input transform V[xi][t][c] (xi: the 16 positions
