@@ -56,3 +56,11 @@ def make_input(shape, dtype, layout, device="cpu", requires_grad=False):
     else:
         x = torch.randn(n, c, h, w, device=device).to(dtype)
     return x.requires_grad_(requires_grad)
+
+
+def op_names(fn) -> list[str]:
+    """The names of the operator events (e.g. "resnet_fast::conv3x3", "aten::bmm") that running
+    ``fn()`` records in torch.profiler, in order, with repeats: which kernels a call routed to."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return [e.name for e in prof.events()]

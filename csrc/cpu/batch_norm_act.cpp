@@ -32,22 +32,8 @@ struct ResidualView {
   int64_t C = 0, sN = 0, sC = 0, sH = 0, sW = 0, stride = 1;
 };
 
-namespace cpu_generic {
-#define RF_KERNEL_AVX2 0
-#include "cpu/batch_norm_act_kernels.inc"
-#undef RF_KERNEL_AVX2
-}  // namespace cpu_generic
-
-#ifdef RESNET_FAST_AVX2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace cpu_avx2 {
-#define RF_KERNEL_AVX2 1
-#include "cpu/batch_norm_act_kernels.inc"
-#undef RF_KERNEL_AVX2
-}  // namespace cpu_avx2
-#pragma GCC pop_options
-#endif
+#define RF_KERNELS "cpu/batch_norm_act_kernels.inc"
+#include "cpu/isa_kernels.h"
 
 namespace {
 

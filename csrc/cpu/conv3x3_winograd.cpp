@@ -32,18 +32,8 @@
 
 namespace resnet_fast {
 
-namespace cpu_generic {
-#include "cpu/conv3x3_winograd_kernels.inc"
-}  // namespace cpu_generic
-
-#ifdef RESNET_FAST_AVX2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace cpu_avx2 {
-#include "cpu/conv3x3_winograd_kernels.inc"
-}  // namespace cpu_avx2
-#pragma GCC pop_options
-#endif
+#define RF_KERNELS "cpu/conv3x3_winograd_kernels.inc"
+#include "cpu/isa_kernels.h"
 
 namespace {
 

@@ -1,7 +1,8 @@
 #pragma once
 // Run-time choice between a kernel's two builds: a file includes its kernels (a .inc) once in
 // namespace cpu_generic and, where RESNET_FAST_AVX2 is defined, once more in namespace cpu_avx2
-// inside `#pragma GCC target("avx2,fma")`; RF_ISA(fn<...>) then names the build this CPU runs.
+// inside `#pragma GCC target("avx2,fma")` (cpu/isa_kernels.h does both); RF_ISA(fn<...>) then
+// names the build this CPU runs.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define RESNET_FAST_AVX2 1
 #endif

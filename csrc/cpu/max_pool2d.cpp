@@ -21,18 +21,8 @@ struct Window {
   int64_t kh, kw, sh, sw, ph, pw;
 };
 
-namespace cpu_generic {
-#include "cpu/max_pool2d_kernels.inc"
-}  // namespace cpu_generic
-
-#ifdef RESNET_FAST_AVX2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace cpu_avx2 {
-#include "cpu/max_pool2d_kernels.inc"
-}  // namespace cpu_avx2
-#pragma GCC pop_options
-#endif
+#define RF_KERNELS "cpu/max_pool2d_kernels.inc"
+#include "cpu/isa_kernels.h"
 
 namespace {
 

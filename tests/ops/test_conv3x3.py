@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import resnet_fast
 from resnet_fast.ops import conv3x3, reference
-from tests.conftest import make_input, requires_extension
+from tests.conftest import make_input, op_names, requires_extension
 
 pytestmark = requires_extension
 
@@ -148,16 +148,12 @@ def test_autograd_matches_pytorch(stride, layout, input_grad, channels):
 def test_wide_stride1_maps_run_winograd_in_training():
     x = torch.randn(2, 64, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     w = torch.randn(64, 64, 3, 3, requires_grad=True)
-    with torch.profiler.profile() as prof:
-        torch.ops.resnet_fast.conv3x3(x, w, 1).sum().backward()
-    names = {e.name for e in prof.events()}
+    names = set(op_names(lambda: torch.ops.resnet_fast.conv3x3(x, w, 1).sum().backward()))
     assert "aten::bmm" in names and "aten::convolution" not in names and "aten::convolution_backward" not in names
     # 512 x 512 channels: oneDNN's (the per-call weight transform would cost more memory than eager).
     x = torch.randn(2, 512, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     w = torch.randn(512, 512, 3, 3, requires_grad=True)
-    with torch.profiler.profile() as prof:
-        torch.ops.resnet_fast.conv3x3(x, w, 1).sum().backward()
-    assert "aten::bmm" not in {e.name for e in prof.events()}
+    assert "aten::bmm" not in op_names(lambda: torch.ops.resnet_fast.conv3x3(x, w, 1).sum().backward())
 
 
 def test_gradcheck():
@@ -202,9 +198,7 @@ def test_opcheck(layout):
 
 
 def _ran_our_op(fn) -> bool:
-    with torch.profiler.profile() as prof:
-        fn()
-    return any(e.name == "resnet_fast::conv3x3" for e in prof.events())
+    return "resnet_fast::conv3x3" in op_names(fn)
 
 
 def test_routing():
@@ -223,9 +217,7 @@ def test_routing():
 def test_models_route_their_3x3_convolutions_here_in_training():
     model = resnet_fast.get_model("resnet20")
     x = torch.randn(4, 3, 32, 32)
-    with torch.profiler.profile() as prof:
-        model(x).sum().backward()
-    names = [e.name for e in prof.events()]
+    names = op_names(lambda: model(x).sum().backward())
     # Every convolution of ResNet-20 forward, and again for the input gradient of the 16 at stride 1
     # whose input needs one (not the stem's: the batch).
     assert names.count("resnet_fast::conv3x3") == 19 + 16
