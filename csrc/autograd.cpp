@@ -47,6 +47,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_backward(
   return op.call(grad_y, x, output, weight, mean, var, training, eps, relu, residual_grad, bias);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward_reduce(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                    const std::optional<at::Tensor>& output,
+                                                                    const at::Tensor& weight, const at::Tensor& mean,
+                                                                    const at::Tensor& var, double eps, bool relu,
+                                                                    const std::optional<at::Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resnet_fast::batch_norm_act_backward_reduce", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool,
+                                 const std::optional<at::Tensor>&)>();
+  return op.call(grad_y, x, output, weight, mean, var, eps, relu, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward_input(const at::Tensor& grad_z, const at::Tensor& x,
+                                                                   const at::Tensor& weight, const at::Tensor& mean,
+                                                                   const at::Tensor& var, const at::Tensor& sum_dz,
+                                                                   const at::Tensor& sum_dzxmu, bool training,
+                                                                   double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resnet_fast::batch_norm_act_backward_input", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, double)>();
+  return op.call(grad_z, x, weight, mean, var, sum_dz, sum_dzxmu, training, eps);
+}
+
 at::Tensor call_zero_pad_backward(const at::Tensor& grad, c10::SymIntArrayRef size, int64_t stride) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("resnet_fast::zero_pad_shortcut_backward", "")
@@ -84,16 +111,36 @@ class BatchNormAct : public torch::autograd::Function<BatchNormAct> {
     return {y, mean, var};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // `grads` by reference: CppNode::apply holds the only reference autograd keeps to the incoming
+  // gradient there, which lets the residual case below free it halfway.
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &y = saved[1], &weight = saved[2], &bias = saved[3], &mean = saved[4],
                      &var = saved[5];
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
     const bool residual_grad = has_residual && ctx->needs_input_grad(ctx->saved_data["residual_edge"].toInt());
-    auto [grad_x, grad_weight, grad_bias, grad_z] = call_backward(
-        grads[0], x, y.defined() ? std::optional<at::Tensor>(y) : std::nullopt, weight, mean, var,
-        ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), ctx->saved_data["relu"].toBool(),
-        residual_grad, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+    const bool training = ctx->saved_data["training"].toBool(), relu = ctx->saved_data["relu"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const auto output = y.defined() ? std::optional<at::Tensor>(y) : std::nullopt;
+    const auto bias_opt = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+    at::Tensor grad_x, grad_weight, grad_bias, grad_z;
+    at::Tensor grad_y = std::move(grads[0]);
+    // The kernels read the gradient in x's layout; converted here rather than in the op, the
+    // gradient in the other layout (e.g. average pooling's, NCHW) is freed before the op allocates.
+    if (grad_y.defined() && x.device().is_cpu()) grad_y = grad_y.contiguous(x.suggest_memory_format());
+    if (residual_grad && x.device().is_cpu()) {
+      // The end of a residual block: dz (the residual's gradient) is written anyway, and pass 2
+      // reads dz, not dy. Two ops, with the incoming gradient released between them, keep two
+      // block-sized gradients alive at a time, not three (as eager's ReLU backward + add do).
+      auto [dz, sum_dz, sum_dzxmu] = call_backward_reduce(grad_y, x, output, weight, mean, var, eps, relu, bias_opt);
+      grad_y.reset();
+      std::tie(grad_x, grad_weight, grad_bias) =
+          call_backward_input(dz, x, weight, mean, var, sum_dz, sum_dzxmu, training, eps);
+      grad_z = std::move(dz);
+    } else {
+      std::tie(grad_x, grad_weight, grad_bias, grad_z) =
+          call_backward(grad_y, x, output, weight, mean, var, training, eps, relu, residual_grad, bias_opt);
+    }
     at::Tensor grad_residual;
     if (residual_grad) {
       grad_residual = grad_z;

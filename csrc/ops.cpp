@@ -33,6 +33,16 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "batch_norm_act_backward(Tensor grad_y, Tensor x, Tensor? output, Tensor weight, Tensor mean, Tensor var, "
       "bool training, float eps, bool relu, bool residual_grad, Tensor? bias=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same backward in two ops (CPU only), so that the caller can free grad_y between them: the
+  // first returns dz (grad_y through the ReLU mask; the gradient of the residual term) and the
+  // float64 per-channel sums of dz and dz * (x - mean); the second (grad_x, grad_weight, grad_bias)
+  // from dz and those sums.
+  m.def(
+      "batch_norm_act_backward_reduce(Tensor grad_y, Tensor x, Tensor? output, Tensor weight, Tensor mean, "
+      "Tensor var, float eps, bool relu, Tensor? bias=None) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_act_backward_input(Tensor grad_z, Tensor x, Tensor weight, Tensor mean, Tensor var, "
+      "Tensor sum_dz, Tensor sum_dzxmu, bool training, float eps) -> (Tensor, Tensor, Tensor)");
   // The inference epilogue after a convolution with BatchNorm folded into its weights:
   // y = relu(x + bias[c] + r), the residual read as by batch_norm_act.
   m.def("bias_act(Tensor x, Tensor bias, Tensor? residual, int residual_stride, bool relu) -> Tensor");

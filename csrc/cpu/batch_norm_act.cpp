@@ -128,82 +128,180 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
   return {y, mean, var};
 }
 
+// The backward's inputs, dense in x's layout, shared by its two passes: pass 1 (`backward_sums`)
+// reads dy and the ReLU mask and sums dz = mask * dy and dz * (x - mean) per channel, writing dz
+// when asked; pass 2 (`backward_input`) computes dx from dz (or from dy and the mask again).
+struct BackwardArgs {
+  at::Tensor x, y;  // y: the forward output, for the mask; undefined when the mask comes from x
+  at::Tensor weight, mean, var;
+  std::optional<at::Tensor> bias;  // for the mask recomputed from x
+  double eps = 0;
+  int mode = cpu_generic::kNoRelu;  // kNoRelu, kMaskOutput or kMaskInput
+  at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
+};
+
+BackwardArgs backward_args(const char* name, const at::Tensor& input, const std::optional<at::Tensor>& output,
+                           const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var, double eps,
+                           bool relu, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.dim() == 4, name, ": expected a 4-D input, got ", input.dim(), "-D");
+  TORCH_CHECK(!relu || (output.has_value() && output->sizes() == input.sizes()) ||
+                  (bias.has_value() && bias->numel() == input.size(1)),
+              name, ": with relu=True the forward output is needed, of shape ", input.sizes(),
+              " (or the bias, of ", input.size(1), " elements, to recompute the ReLU mask from x)");
+  const int64_t C = input.size(1);
+  TORCH_CHECK(weight.numel() == C && mean.numel() == C && var.numel() == C, name,
+              ": expected weight, mean and var of ", C, " elements");
+  BackwardArgs a;
+  a.fmt = input.suggest_memory_format();
+  a.x = input.contiguous(a.fmt);
+  // Without the output, the mask is recomputed from x: (x * scale + shift > 0) with the forward's
+  // scale and shift, the forward's own pre-activation bit for bit.
+  const bool mask_from_input = relu && !(output.has_value() && output->sizes() == input.sizes());
+  if (relu && !mask_from_input) a.y = output->contiguous(a.fmt);
+  a.mode = !relu ? cpu_generic::kNoRelu : mask_from_input ? cpu_generic::kMaskInput : cpu_generic::kMaskOutput;
+  const auto acc = acc_dtype(input);
+  a.weight = weight.to(acc).contiguous();
+  a.mean = mean.to(acc).contiguous();
+  a.var = var.to(acc).contiguous();
+  a.bias = bias;
+  a.eps = eps;
+  return a;
+}
+
+at::Tensor dense_grad(const char* name, const at::Tensor& grad, const BackwardArgs& a) {
+  TORCH_CHECK(grad.sizes() == a.x.sizes(), name, ": expected a gradient of shape ", a.x.sizes(), ", got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == a.x.scalar_type(), name, ": the gradient has dtype ", grad.scalar_type(),
+              ", the input ", a.x.scalar_type());
+  return grad.contiguous(a.fmt);
+}
+
+// Pass 1: sum_dz[c] = sum(dz), sum_dzxmu[c] = sum(dz * (x - mean)) with dz = mask * dy, written to
+// dz when it is defined.
+template <typename scalar_t>
+void backward_sums(const BackwardArgs& a, const at::Tensor& dy, at::Tensor& dz, double* sum_dz, double* sum_dzxmu) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = a.x.size(0), C = a.x.size(1), HW = a.x.size(2) * a.x.size(3);
+  const acc_t* mp = a.mean.const_data_ptr<acc_t>();
+  std::vector<acc_t> fscale, fshift;  // the forward's, for a mask recomputed from x
+  if (a.mode == cpu_generic::kMaskInput)
+    forward_scale_shift(a.weight, *a.bias, mp, a.var.const_data_ptr<acc_t>(), a.eps, fscale, fshift);
+  const scalar_t *dyp = dy.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
+  const scalar_t* yp = a.y.defined() ? a.y.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dzp = dz.defined() ? dz.mutable_data_ptr<scalar_t>() : nullptr;
+  const acc_t *fs = fscale.data(), *fh = fshift.data();
+  with_mask(a.mode, [&](auto kMask) {
+    if (is_channels_last(a.fmt))
+      RF_ISA(grad_sums_channels_last<kMask, scalar_t, acc_t>)(dyp, yp, xp, mp, fs, fh, N * HW, C, dzp, sum_dz,
+                                                              sum_dzxmu);
+    else
+      RF_ISA(grad_sums_nchw<kMask, scalar_t, acc_t>)(dyp, yp, xp, mp, fs, fh, N, C, HW, dzp, sum_dz, sum_dzxmu);
+  });
+}
+
+// Pass 2: dx from g and the sums, where g is dz (`g_is_dz`) or dy with the mask applied again;
+// grad_weight and grad_bias (in the accumulation dtype) from the sums.
+template <typename scalar_t>
+void backward_input(const BackwardArgs& a, const at::Tensor& g, bool g_is_dz, const double* sum_dz,
+                    const double* sum_dzxmu, bool training, at::Tensor& dx, at::Tensor& grad_weight,
+                    at::Tensor& grad_bias) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = a.x.size(0), C = a.x.size(1), HW = a.x.size(2) * a.x.size(3), M = N * HW;
+  const acc_t *mp = a.mean.const_data_ptr<acc_t>(), *vp = a.var.const_data_ptr<acc_t>();
+  const acc_t* wp = a.weight.const_data_ptr<acc_t>();
+  std::vector<acc_t> mean_dz(C, acc_t(0)), k(C, acc_t(0)), scale(C);
+  acc_t* gw = grad_weight.mutable_data_ptr<acc_t>();
+  acc_t* gb = grad_bias.mutable_data_ptr<acc_t>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double invstd = 1.0 / std::sqrt(static_cast<double>(vp[c]) + a.eps);
+    scale[c] = static_cast<acc_t>(invstd * wp[c]);
+    if (training) {
+      mean_dz[c] = static_cast<acc_t>(sum_dz[c] / static_cast<double>(M));
+      k[c] = static_cast<acc_t>(sum_dzxmu[c] / static_cast<double>(M) * invstd * invstd);
+    }
+    gw[c] = static_cast<acc_t>(sum_dzxmu[c] * invstd);
+    gb[c] = static_cast<acc_t>(sum_dz[c]);
+  }
+  if (M == 0) return;
+  const int mode = g_is_dz ? cpu_generic::kNoRelu : a.mode;
+  std::vector<acc_t> fscale, fshift;
+  if (mode == cpu_generic::kMaskInput) forward_scale_shift(a.weight, *a.bias, mp, vp, a.eps, fscale, fshift);
+  const scalar_t *gp = g.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
+  const scalar_t* yp = a.y.defined() ? a.y.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const acc_t *md = mean_dz.data(), *kk = k.data(), *sc = scale.data(), *fs = fscale.data(), *fh = fshift.data();
+  with_mask(mode, [&](auto kMask) {
+    if (is_channels_last(a.fmt))
+      RF_ISA(grad_input_channels_last<kMask, scalar_t, acc_t>)(gp, yp, xp, mp, md, kk, sc, fs, fh, M, C, dxp);
+    else
+      RF_ISA(grad_input_nchw<kMask, scalar_t, acc_t>)(gp, yp, xp, mp, md, kk, sc, fs, fh, N, C, HW, dxp);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& input, const std::optional<at::Tensor>& output,
     const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool relu,
     bool residual_grad, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(input.dim() == 4 && grad_y.sizes() == input.sizes(), "batch_norm_act_backward: expected grad_y of shape ",
-              input.sizes(), ", got ", grad_y.sizes());
-  TORCH_CHECK(!relu || (output.has_value() && output->sizes() == input.sizes()) ||
-                  (bias.has_value() && bias->numel() == input.size(1)),
-              "batch_norm_act_backward: with relu=True the forward output is needed, of shape ", input.sizes(),
-              " (or the bias, of ", input.size(1), " elements, to recompute the ReLU mask from x)");
-  // Without the output, the mask is recomputed from x: (x * scale + shift > 0) with the forward's
-  // scale and shift, the forward's own pre-activation bit for bit.
-  const bool mask_from_input = relu && !(output.has_value() && output->sizes() == input.sizes());
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  TORCH_CHECK(weight.numel() == C && mean.numel() == C && var.numel() == C,
-              "batch_norm_act_backward: expected weight, mean and var of ", C, " elements");
-  TORCH_CHECK(grad_y.scalar_type() == input.scalar_type(), "batch_norm_act_backward: grad_y has dtype ",
-              grad_y.scalar_type(), ", the input ", input.scalar_type());
-  const auto fmt = input.suggest_memory_format();
-  const at::Tensor x = input.contiguous(fmt), dy = grad_y.contiguous(fmt);
-  const at::Tensor y = relu && !mask_from_input ? output->contiguous(fmt) : at::Tensor();
-  at::Tensor dz = residual_grad ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::empty({0}, x.options());
-  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
-  const auto acc = acc_dtype(x);
-  at::Tensor grad_weight = at::zeros({C}, weight.options().dtype(acc));
-  at::Tensor grad_bias = at::zeros({C}, weight.options().dtype(acc));
-  if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "batch_norm_act_backward_cpu", [&] {
-      using acc_t = acc_type<scalar_t>;
-      const at::Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous(), w = weight.to(acc).contiguous();
-      const acc_t* mp = m.const_data_ptr<acc_t>();
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-      const scalar_t* yp = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
-      std::vector<acc_t> fscale, fshift;  // the forward's, for a mask recomputed from x
-      if (mask_from_input) forward_scale_shift(weight, *bias, mp, v.const_data_ptr<acc_t>(), eps, fscale, fshift);
-      const acc_t *fs = fscale.data(), *fh = fshift.data();
-      const int mode = !relu ? cpu_generic::kNoRelu : mask_from_input ? cpu_generic::kMaskInput : cpu_generic::kMaskOutput;
-      scalar_t* dzp = residual_grad ? dz.mutable_data_ptr<scalar_t>() : nullptr;
-      std::vector<double> sum_dz(C), sum_dzxmu(C);
-      const bool cl = is_channels_last(fmt);
-      const int64_t M = N * H * W;
-      double* sdz = sum_dz.data();
-      double* sdx = sum_dzxmu.data();
-      with_mask(mode, [&](auto kMask) {
-        if (cl)
-          RF_ISA(grad_sums_channels_last<kMask, scalar_t, acc_t>)(dyp, yp, xp, mp, fs, fh, M, C, dzp, sdz, sdx);
-        else
-          RF_ISA(grad_sums_nchw<kMask, scalar_t, acc_t>)(dyp, yp, xp, mp, fs, fh, N, C, H * W, dzp, sdz, sdx);
-      });
-      std::vector<acc_t> mean_dz(C, acc_t(0)), k(C, acc_t(0)), scale(C);
-      acc_t* gw = grad_weight.mutable_data_ptr<acc_t>();
-      acc_t* gb = grad_bias.mutable_data_ptr<acc_t>();
-      for (int64_t c = 0; c < C; ++c) {
-        const double invstd = 1.0 / std::sqrt(static_cast<double>(v.const_data_ptr<acc_t>()[c]) + eps);
-        scale[c] = static_cast<acc_t>(invstd * w.const_data_ptr<acc_t>()[c]);
-        if (training) {
-          mean_dz[c] = static_cast<acc_t>(sum_dz[c] / static_cast<double>(M));
-          k[c] = static_cast<acc_t>(sum_dzxmu[c] / static_cast<double>(M) * invstd * invstd);
-        }
-        gw[c] = static_cast<acc_t>(sum_dzxmu[c] * invstd);
-        gb[c] = static_cast<acc_t>(sum_dz[c]);
-      }
-      scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-      // With dz written by pass 1, pass 2 reads it in place of dy and the mask.
-      const scalar_t* g = dzp != nullptr ? dzp : dyp;
-      const acc_t *md = mean_dz.data(), *kk = k.data(), *sc = scale.data();
-      with_mask(dzp != nullptr ? cpu_generic::kNoRelu : mode, [&](auto kMask) {
-        if (cl)
-          RF_ISA(grad_input_channels_last<kMask, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, fs, fh, M, C, dxp);
-        else
-          RF_ISA(grad_input_nchw<kMask, scalar_t, acc_t>)(g, yp, xp, mp, md, kk, sc, fs, fh, N, C, H * W, dxp);
-      });
+  constexpr const char* name = "batch_norm_act_backward";
+  const BackwardArgs a = backward_args(name, input, output, weight, mean, var, eps, relu, bias);
+  const at::Tensor dy = dense_grad(name, grad_y, a);
+  const int64_t C = a.x.size(1);
+  const auto options = a.x.options().memory_format(a.fmt);
+  at::Tensor dz = residual_grad ? at::empty(a.x.sizes(), options) : at::Tensor();
+  at::Tensor dx = at::empty(a.x.sizes(), options);
+  at::Tensor grad_weight = at::empty({C}, a.weight.options()), grad_bias = at::empty({C}, a.weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.x.scalar_type(), name, [&] {
+    std::vector<double> sum_dz(C), sum_dzxmu(C);
+    if (a.x.numel() > 0) backward_sums<scalar_t>(a, dy, dz, sum_dz.data(), sum_dzxmu.data());
+    // With dz written by pass 1, pass 2 reads it in place of dy and the mask.
+    backward_input<scalar_t>(a, dz.defined() ? dz : dy, dz.defined(), sum_dz.data(), sum_dzxmu.data(), training, dx,
+                             grad_weight, grad_bias);
+  });
+  if (!dz.defined()) dz = at::empty({0}, a.x.options());
+  return {dx, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()), dz};
+}
+
+// The same backward as two ops, so that the caller can drop grad_y between the passes (csrc/
+// autograd.cpp: the end of a residual block, where dz is the residual's gradient anyway).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce_cpu(
+    const at::Tensor& grad_y, const at::Tensor& input, const std::optional<at::Tensor>& output,
+    const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var, double eps, bool relu,
+    const std::optional<at::Tensor>& bias) {
+  constexpr const char* name = "batch_norm_act_backward_reduce";
+  const BackwardArgs a = backward_args(name, input, output, weight, mean, var, eps, relu, bias);
+  const at::Tensor dy = dense_grad(name, grad_y, a);
+  const int64_t C = a.x.size(1);
+  at::Tensor dz = at::empty(a.x.sizes(), a.x.options().memory_format(a.fmt));
+  const auto f64 = a.x.options().dtype(at::kDouble);
+  at::Tensor sum_dz = at::zeros({C}, f64), sum_dzxmu = at::zeros({C}, f64);
+  if (a.x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.x.scalar_type(), name, [&] {
+      backward_sums<scalar_t>(a, dy, dz, sum_dz.mutable_data_ptr<double>(), sum_dzxmu.mutable_data_ptr<double>());
     });
   }
-  return {dx, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type()), dz};
+  return {dz, sum_dz, sum_dzxmu};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_input_cpu(
+    const at::Tensor& grad_z, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& sum_dz, const at::Tensor& sum_dzxmu, bool training, double eps) {
+  constexpr const char* name = "batch_norm_act_backward_input";
+  const BackwardArgs a = backward_args(name, input, std::nullopt, weight, mean, var, eps, false, std::nullopt);
+  const at::Tensor dz = dense_grad(name, grad_z, a);
+  const int64_t C = a.x.size(1);
+  TORCH_CHECK(sum_dz.scalar_type() == at::kDouble && sum_dzxmu.scalar_type() == at::kDouble &&
+                  sum_dz.numel() == C && sum_dzxmu.numel() == C,
+              name, ": expected sum_dz and sum_dzxmu as float64 tensors of ", C,
+              " elements (from batch_norm_act_backward_reduce), got ", sum_dz.scalar_type(), " ", sum_dz.sizes(),
+              " and ", sum_dzxmu.scalar_type(), " ", sum_dzxmu.sizes());
+  const at::Tensor s1 = sum_dz.contiguous(), s2 = sum_dzxmu.contiguous();
+  at::Tensor dx = at::empty(a.x.sizes(), a.x.options().memory_format(a.fmt));
+  at::Tensor grad_weight = at::empty({C}, a.weight.options()), grad_bias = at::empty({C}, a.weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.x.scalar_type(), name, [&] {
+    backward_input<scalar_t>(a, dz, true, s1.const_data_ptr<double>(), s2.const_data_ptr<double>(), training, dx,
+                             grad_weight, grad_bias);
+  });
+  return {dx, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
 }
 
 // The inference epilogue y = act(x + bias + r): the apply loops with a scale of 1.
@@ -229,6 +327,8 @@ at::Tensor bias_act_cpu(const at::Tensor& input, const at::Tensor& bias, const s
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("batch_norm_act", &batch_norm_act_cpu);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+  m.impl("batch_norm_act_backward_reduce", &batch_norm_act_backward_reduce_cpu);
+  m.impl("batch_norm_act_backward_input", &batch_norm_act_backward_input_cpu);
   m.impl("bias_act", &bias_act_cpu);
 }
 

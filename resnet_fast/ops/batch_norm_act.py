@@ -85,6 +85,18 @@ def register(ns: str) -> None:
         grad_residual = _like(x) if residual_grad else x.new_empty((0,))
         return _like(x), weight.new_empty((c,)), weight.new_empty((c,)), grad_residual
 
+    if ns == "resnet_fast":  # the backward in two ops (CPU), for the end of a residual block
+
+        @torch.library.register_fake(f"{ns}::batch_norm_act_backward_reduce")
+        def _(grad_y, x, output, weight, mean, var, eps, relu, bias=None):
+            c = x.shape[1]
+            return _like(x), x.new_empty((c,), dtype=torch.float64), x.new_empty((c,), dtype=torch.float64)
+
+        @torch.library.register_fake(f"{ns}::batch_norm_act_backward_input")
+        def _(grad_z, x, weight, mean, var, sum_dz, sum_dzxmu, training, eps):
+            c = x.shape[1]
+            return _like(x), weight.new_empty((c,)), weight.new_empty((c,))
+
     # (The extension's own op has this autograd in C++, csrc/autograd.cpp, which also lets its CPU
     # kernel recompute the ReLU mask from x instead of keeping y.)
     def _setup_context(ctx, inputs, output):
@@ -129,9 +141,13 @@ def register(ns: str) -> None:
             "resnet_fast.set_backend('eager') to differentiate twice"
         )
 
-    torch.library.register_autograd(
-        f"{ns}::batch_norm_act_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-    )
+    backward_ops = ["batch_norm_act_backward"]
+    if ns == "resnet_fast":
+        backward_ops += ["batch_norm_act_backward_reduce", "batch_norm_act_backward_input"]
+    for name in backward_ops:
+        torch.library.register_autograd(
+            f"{ns}::{name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+        )
 
 
 if _backend.extension_available():
