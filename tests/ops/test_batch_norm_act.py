@@ -153,10 +153,17 @@ def test_opcheck(impl, layout):
 
 
 @requires_extension
-def test_double_backward_is_refused_clearly():
+@pytest.mark.parametrize("residual", [None, "identity", "option_a"])
+def test_double_backward_is_refused_clearly(residual):
+    # (With a residual, the CPU backward runs as two ops: both refuse too.)
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
     bn = torch.nn.BatchNorm2d(4)
-    (g,) = torch.autograd.grad(bn_act(x, bn).square().sum(), x, create_graph=True)
+    r, stride = None, 1
+    if residual == "identity":
+        r = torch.randn(2, 4, 3, 3, requires_grad=True)
+    elif residual == "option_a":
+        r, stride = torch.randn(2, 2, 6, 6, requires_grad=True), 2
+    (g,) = torch.autograd.grad(bn_act(x, bn, residual=r, residual_stride=stride).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
 
