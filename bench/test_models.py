@@ -160,5 +160,5 @@ def test_training_peak_memory(benchmark, arch, batch):
     )
     benchmark.extra_info.update({f"peak MiB {k}": v for k, v in results.items()})
     RESULTS_MEMORY.append((f"{arch} training step, batch {batch}", results))
-    # 2% + 4 MiB of slack: small per-op buffers (means, variances, weight casts) live in the heap.
-    assert results["resnet_fast"] <= 1.02 * min(results["eager_nchw"], results["eager_channels_last"]) + 4, results
+    # No higher than the lower of the two eager settings, to within the measurement's 0.5 MiB.
+    assert results["resnet_fast"] <= min(results["eager_nchw"], results["eager_channels_last"]) + 0.5, results
