@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cpu(
 struct BackwardArgs {
   at::Tensor x, y;  // y: the forward output, for the mask; undefined when the mask comes from x
   at::Tensor weight, mean, var;
-  std::optional<at::Tensor> bias;  // for the mask recomputed from x
+  at::Tensor fscale, fshift;  // the forward's affine in acc_t, for the mask recomputed from x (else undefined)
   double eps = 0;
   int mode = cpu_generic::kNoRelu;  // kNoRelu, kMaskOutput or kMaskInput
   at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
@@ -163,8 +163,18 @@ BackwardArgs backward_args(const char* name, const at::Tensor& input, const std:
   a.weight = weight.to(acc).contiguous();
   a.mean = mean.to(acc).contiguous();
   a.var = var.to(acc).contiguous();
-  a.bias = bias;
   a.eps = eps;
+  if (mask_from_input) {  // once, for both passes
+    a.fscale = at::empty({C}, a.weight.options());
+    a.fshift = at::empty({C}, a.weight.options());
+    AT_DISPATCH_FLOATING_TYPES(acc, "batch_norm_act_backward", [&] {
+      std::vector<scalar_t> scale, shift;
+      forward_scale_shift(a.weight, *bias, a.mean.const_data_ptr<scalar_t>(), a.var.const_data_ptr<scalar_t>(), eps,
+                          scale, shift);
+      std::copy(scale.begin(), scale.end(), a.fscale.mutable_data_ptr<scalar_t>());
+      std::copy(shift.begin(), shift.end(), a.fshift.mutable_data_ptr<scalar_t>());
+    });
+  }
   return a;
 }
 
@@ -183,13 +193,11 @@ void backward_sums(const BackwardArgs& a, const at::Tensor& dy, at::Tensor& dz, 
   using acc_t = acc_type<scalar_t>;
   const int64_t N = a.x.size(0), C = a.x.size(1), HW = a.x.size(2) * a.x.size(3);
   const acc_t* mp = a.mean.const_data_ptr<acc_t>();
-  std::vector<acc_t> fscale, fshift;  // the forward's, for a mask recomputed from x
-  if (a.mode == cpu_generic::kMaskInput)
-    forward_scale_shift(a.weight, *a.bias, mp, a.var.const_data_ptr<acc_t>(), a.eps, fscale, fshift);
   const scalar_t *dyp = dy.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
   const scalar_t* yp = a.y.defined() ? a.y.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* dzp = dz.defined() ? dz.mutable_data_ptr<scalar_t>() : nullptr;
-  const acc_t *fs = fscale.data(), *fh = fshift.data();
+  const acc_t* fs = a.fscale.defined() ? a.fscale.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* fh = a.fshift.defined() ? a.fshift.const_data_ptr<acc_t>() : nullptr;
   with_mask(a.mode, [&](auto kMask) {
     if (is_channels_last(a.fmt))
       RF_ISA(grad_sums_channels_last<kMask, scalar_t, acc_t>)(dyp, yp, xp, mp, fs, fh, N * HW, C, dzp, sum_dz,
@@ -224,12 +232,12 @@ void backward_input(const BackwardArgs& a, const at::Tensor& g, bool g_is_dz, co
   }
   if (M == 0) return;
   const int mode = g_is_dz ? cpu_generic::kNoRelu : a.mode;
-  std::vector<acc_t> fscale, fshift;
-  if (mode == cpu_generic::kMaskInput) forward_scale_shift(a.weight, *a.bias, mp, vp, a.eps, fscale, fshift);
   const scalar_t *gp = g.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
   const scalar_t* yp = a.y.defined() ? a.y.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-  const acc_t *md = mean_dz.data(), *kk = k.data(), *sc = scale.data(), *fs = fscale.data(), *fh = fshift.data();
+  const acc_t *md = mean_dz.data(), *kk = k.data(), *sc = scale.data();
+  const acc_t* fs = a.fscale.defined() ? a.fscale.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* fh = a.fshift.defined() ? a.fshift.const_data_ptr<acc_t>() : nullptr;
   with_mask(mode, [&](auto kMask) {
     if (is_channels_last(a.fmt))
       RF_ISA(grad_input_channels_last<kMask, scalar_t, acc_t>)(gp, yp, xp, mp, md, kk, sc, fs, fh, M, C, dxp);
