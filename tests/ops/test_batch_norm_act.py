@@ -378,6 +378,28 @@ def test_small_nchw_planes_backward_in_memory_order(shape):
         torch.testing.assert_close(o.double(), ex, rtol=1e-4, atol=1e-4 * (ex.abs().max().item() + 1), msg=name)
 
 
+@requires_extension
+@pytest.mark.parametrize("shape", [(129, 8, 7, 5), (3, 16, 3, 3), (33, 64, 5, 5), (10, 96, 7, 7)])
+@pytest.mark.parametrize("residual", [None, "identity", "option_a"])
+def test_channels_last_lanes_statistics_and_backward(shape, residual):
+    # float32 channels_last with C a multiple of 32 or 8 / 16 runs the register-held lanes: 32 / C
+    # rows per lane row with rows left over (129 x 7 x 5 rows of 8 channels: 3 left, 3 x 3 x 3 of
+    # 16: 1 left), several chunks of 32 channels (96), two tasks on two threads (all but the
+    # second); without a residual the backward rebuilds the ReLU mask from x in them too.
+    n, c, h, w = shape
+    x = make(shape, torch.float32, "channels_last") * 3 + 50
+    r, stride = residual_for(residual, shape, torch.float32, "channels_last")
+    wt, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    grad = torch.randn(shape, dtype=torch.float64)
+    ours = run(batch_norm_act, x, wt, b, rm, rv, True, r, True, stride, grad)
+    exact = run(None, x.double(), wt.double(), b.double(), rm.double(), rv.double(), True,
+                None if r is None else r.double(), True, stride, grad)
+    names = ["y", "running_mean", "running_var", "grad_x", "grad_weight", "grad_bias", "grad_residual"]
+    for name, o, ex in zip(names, ours, exact):
+        torch.testing.assert_close(o.double(), ex, rtol=1e-4, atol=1e-4 * (ex.abs().max().item() + 1), msg=name)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_compiles_without_graph_break(impl):
     resnet_fast.set_backend(impl)
