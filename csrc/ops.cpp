@@ -43,6 +43,12 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "batch_norm_act_backward_input(Tensor grad_z, Tensor x, Tensor weight, Tensor mean, Tensor var, "
       "Tensor sum_dz, Tensor sum_dzxmu, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  // nn.BatchNorm2d's update of the running statistics from a batch's mean and biased variance
+  // over `count` values a channel, in one op (CPU): running = (1 - momentum) * running +
+  // momentum * batch, with the variance made unbiased (count / (count - 1)).
+  m.def(
+      "batch_norm_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+      "float momentum, int count) -> ()");
   // The inference epilogue after a convolution with BatchNorm folded into its weights:
   // y = relu(x + bias[c] + r), the residual read as by batch_norm_act.
   m.def("bias_act(Tensor x, Tensor bias, Tensor? residual, int residual_stride, bool relu) -> Tensor");

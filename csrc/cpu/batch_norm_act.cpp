@@ -312,6 +312,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_input_cpu
   return {dx, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
 }
 
+// The running statistics' update, as ATen's batch_norm computes it: in double, then rounded once
+// to the buffers' dtype. One op in place of the seven small ATen ops the formula takes in Python.
+void batch_norm_update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                                 const at::Tensor& var, double momentum, int64_t count) {
+  constexpr const char* name = "batch_norm_update_stats_";
+  const int64_t C = mean.numel();
+  TORCH_CHECK(var.numel() == C && running_mean.numel() == C && running_var.numel() == C, name,
+              ": expected running_mean, running_var, mean and var of one size, got ", running_mean.sizes(), ", ",
+              running_var.sizes(), ", ", mean.sizes(), " and ", var.sizes());
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(), name,
+              ": expected contiguous running statistics (updated in place)");
+  TORCH_CHECK(mean.scalar_type() == var.scalar_type() && running_mean.scalar_type() == running_var.scalar_type(),
+              name, ": expected mean and var of one dtype and running statistics of one dtype");
+  TORCH_CHECK(count > 0, name, ": expected a positive count of values per channel, got ", count);
+  const double unbias = static_cast<double>(count) / static_cast<double>(std::max<int64_t>(count - 1, 1));
+  const at::Tensor m = mean.contiguous(), v = var.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), name, [&] {
+    using stat_t = scalar_t;
+    const stat_t *mp = m.const_data_ptr<stat_t>(), *vp = v.const_data_ptr<stat_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), name, [&] {
+      scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
+      scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        rm[c] = static_cast<scalar_t>(momentum * static_cast<double>(mp[c]) +
+                                      (1 - momentum) * static_cast<double>(rm[c]));
+        rv[c] = static_cast<scalar_t>(momentum * static_cast<double>(vp[c]) * unbias +
+                                      (1 - momentum) * static_cast<double>(rv[c]));
+      }
+    });
+  });
+}
+
 // The inference epilogue y = act(x + bias + r): the apply loops with a scale of 1.
 at::Tensor bias_act_cpu(const at::Tensor& input, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
                         int64_t residual_stride, bool relu) {
@@ -337,6 +369,7 @@ TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
   m.impl("batch_norm_act_backward_reduce", &batch_norm_act_backward_reduce_cpu);
   m.impl("batch_norm_act_backward_input", &batch_norm_act_backward_input_cpu);
+  m.impl("batch_norm_update_stats_", &batch_norm_update_stats_cpu);
   m.impl("bias_act", &bias_act_cpu);
 }
 

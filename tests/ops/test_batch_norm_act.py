@@ -400,6 +400,36 @@ def test_channels_last_lanes_statistics_and_backward(shape, residual):
         torch.testing.assert_close(o.double(), ex, rtol=1e-4, atol=1e-4 * (ex.abs().max().item() + 1), msg=name)
 
 
+@requires_extension
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64])
+def test_update_stats_is_the_formula_in_double(running_dtype, stat_dtype):
+    # running = momentum * batch + (1 - momentum) * running, the variance made unbiased, taken in
+    # double and rounded once (as ATen's batch_norm): bit for bit.
+    torch.manual_seed(0)
+    rm, rv = torch.randn(37).to(running_dtype), (torch.rand(37) + 0.5).to(running_dtype)
+    mean, var = torch.randn(37, dtype=stat_dtype), torch.rand(37, dtype=stat_dtype)
+    m, count = 0.1, 50
+    want_m = (m * mean.double() + (1 - m) * rm.double()).to(running_dtype)
+    want_v = (m * var.double() * (count / (count - 1)) + (1 - m) * rv.double()).to(running_dtype)
+    torch.ops.resnet_fast.batch_norm_update_stats_(rm, rv, mean, var, m, count)
+    torch.testing.assert_close(rm, want_m, rtol=0, atol=0)
+    torch.testing.assert_close(rv, want_v, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.resnet_fast.batch_norm_update_stats_, (rm, rv, mean, var, m, count))
+
+
+@requires_extension
+def test_update_stats_refuses_what_it_cannot_update():
+    update = torch.ops.resnet_fast.batch_norm_update_stats_
+    ones = torch.ones(4)
+    with pytest.raises(RuntimeError, match="expected running_mean, running_var, mean and var of one size"):
+        update(torch.ones(3), ones.clone(), ones, ones, 0.1, 8)
+    with pytest.raises(RuntimeError, match="expected contiguous running statistics"):
+        update(torch.ones(8)[::2], ones.clone(), ones, ones, 0.1, 8)
+    with pytest.raises(RuntimeError, match="expected a positive count"):
+        update(ones.clone(), ones.clone(), ones, ones, 0.1, 0)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_compiles_without_graph_break(impl):
     resnet_fast.set_backend(impl)
