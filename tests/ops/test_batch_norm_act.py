@@ -379,13 +379,14 @@ def test_small_nchw_planes_backward_in_memory_order(shape):
 
 
 @requires_extension
-@pytest.mark.parametrize("shape", [(129, 8, 7, 5), (3, 16, 3, 3), (33, 64, 5, 5), (10, 96, 7, 7)])
+@pytest.mark.parametrize("shape", [(129, 8, 7, 5), (3, 16, 3, 3), (40, 32, 6, 6), (33, 64, 5, 5), (10, 96, 7, 7)])
 @pytest.mark.parametrize("residual", [None, "identity", "option_a"])
 def test_channels_last_lanes_statistics_and_backward(shape, residual):
-    # float32 channels_last with C a multiple of 32 or 8 / 16 runs the register-held lanes: 32 / C
-    # rows per lane row with rows left over (129 x 7 x 5 rows of 8 channels: 3 left, 3 x 3 x 3 of
-    # 16: 1 left), several chunks of 32 channels (96), two tasks on two threads (all but the
-    # second); without a residual the backward rebuilds the ReLU mask from x in them too.
+    # float32 channels_last with 8, 16, 32 or 64 channels runs the register-held lanes (the
+    # backward's pass 1 up to 32): 32 / C rows per lane row with rows left over (129 x 7 x 5 rows
+    # of 8 channels: 3 left, 3 x 3 x 3 of 16: 1 left), two chunks of 32 channels (64), two tasks on
+    # two threads (all but the second); without a residual the backward rebuilds the ReLU mask
+    # from x in them too. 96 channels take the period loops.
     n, c, h, w = shape
     x = make(shape, torch.float32, "channels_last") * 3 + 50
     r, stride = residual_for(residual, shape, torch.float32, "channels_last")
