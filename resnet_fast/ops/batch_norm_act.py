@@ -56,12 +56,12 @@ def batch_norm_act(
         if impl == "cpu" and running_mean.is_contiguous() and running_var.is_contiguous():
             # One C++ op (in double, as ATen's batch_norm) in place of the seven below.
             torch.ops.resnet_fast.batch_norm_update_stats_(running_mean, running_var, mean, var, momentum, n)
-            return y
-        with torch.no_grad():
-            # As nn.BatchNorm2d: running = (1 - momentum) * running + momentum * batch, with the
-            # unbiased variance.
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (n / max(n - 1, 1))).to(running_var.dtype), alpha=momentum)
+        else:
+            with torch.no_grad():
+                # As nn.BatchNorm2d: running = (1 - momentum) * running + momentum * batch, with the
+                # unbiased variance.
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_((var * (n / max(n - 1, 1))).to(running_var.dtype), alpha=momentum)
     return y
 
 
