@@ -97,6 +97,33 @@ inline void check_batch_norm_act_args(const at::Tensor& x, const at::Tensor& wei
   check_residual("batch_norm_act", x, residual, residual_stride);
 }
 
+// The backward of batch_norm_act (and its two CPU halves, which pass their own name and gradient):
+// the gradient of x's shape and dtype, per-channel tensors of C elements, and, with relu, the
+// forward's output for the ReLU mask or (where the kernel can recompute the mask from x, the CPU
+// kernels: `mask_from_input`) the bias.
+inline void check_batch_norm_act_backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                               const std::optional<at::Tensor>& output, const at::Tensor& weight,
+                                               const at::Tensor& mean, const at::Tensor& var, bool relu,
+                                               const std::optional<at::Tensor>& bias, bool mask_from_input) {
+  TORCH_CHECK(x.dim() == 4, op, ": expected a 4-D input (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(grad.sizes() == x.sizes(), op, ": expected a gradient of shape ", x.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), op, ": the gradient has dtype ", grad.scalar_type(),
+              ", the input ", x.scalar_type());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(weight.numel() == C && mean.numel() == C && var.numel() == C, op,
+              ": expected weight, mean and var of ", C, " elements, got ", weight.numel(), ", ", mean.numel(), " and ",
+              var.numel());
+  const bool has_output = output.has_value() && output->sizes() == x.sizes();
+  if (mask_from_input) {
+    TORCH_CHECK(!relu || has_output || (bias.has_value() && bias->numel() == C), op,
+                ": with relu=True the forward output is needed, of shape ", x.sizes(), " (or the bias, of ", C,
+                " elements, to recompute the ReLU mask from x)");
+  } else {
+    TORCH_CHECK(!relu || has_output, op, ": with relu=True this kernel needs the forward output, of shape ",
+                x.sizes());
+  }
+}
+
 inline void check_bias_act_args(const at::Tensor& x, const at::Tensor& bias,
                                 const std::optional<at::Tensor>& residual, int64_t residual_stride) {
   TORCH_CHECK(x.dim() == 4, "bias_act: expected a 4-D input (N, C, H, W), got shape ", x.sizes());

@@ -1,7 +1,8 @@
-// CPU implementation of batch_norm_act and its backward (formula: common/batch_norm_act.h).
-// Training runs two passes over memory forward (statistics, then normalise + residual + ReLU)
-// and two backward (per-channel sums, then dx); channels_last and NCHW each get their loops.
-// The kernels are compiled twice, for AVX2+FMA and for the baseline ISA, and chosen at run time.
+// CPU implementation of batch_norm_act and its backward (formula: common/batch_norm_act.h), and
+// of the running statistics' update. Training runs two passes over memory forward (statistics,
+// then normalise + residual + ReLU) and two backward (per-channel sums, then dx); the loops of each
+// pass, for channels_last and NCHW, are in cpu/batch_norm_act/<pass>.inc, compiled twice (AVX2+FMA
+// and the baseline ISA) and chosen at run time. This file holds one dispatcher per pass and the ops.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,19 +21,12 @@
 
 #include "common/batch_norm_act.h"
 #include "common/checks.h"
+#include "cpu/batch_norm_act.h"
 #include "cpu/isa.h"
 
 namespace resnet_fast {
 
-// A residual read in place: r(n, c, h, w) = c < C ? data[n*sN + c*sC + h*s*sH + w*s*sW] : 0,
-// which covers the identity, a projection's output and the option-A zero-padding shortcut.
-template <typename scalar_t>
-struct ResidualView {
-  const scalar_t* data = nullptr;
-  int64_t C = 0, sN = 0, sC = 0, sH = 0, sW = 0, stride = 1;
-};
-
-#define RF_KERNELS "cpu/batch_norm_act_kernels.inc"
+#define RF_KERNELS "cpu/batch_norm_act/kernels.inc"
 #include "cpu/isa_kernels.h"
 
 namespace {
@@ -140,17 +134,11 @@ struct BackwardArgs {
   at::MemoryFormat fmt = at::MemoryFormat::Contiguous;
 };
 
-BackwardArgs backward_args(const char* name, const at::Tensor& input, const std::optional<at::Tensor>& output,
-                           const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var, double eps,
-                           bool relu, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(input.dim() == 4, name, ": expected a 4-D input, got ", input.dim(), "-D");
-  TORCH_CHECK(!relu || (output.has_value() && output->sizes() == input.sizes()) ||
-                  (bias.has_value() && bias->numel() == input.size(1)),
-              name, ": with relu=True the forward output is needed, of shape ", input.sizes(),
-              " (or the bias, of ", input.size(1), " elements, to recompute the ReLU mask from x)");
+BackwardArgs backward_args(const char* name, const at::Tensor& grad, const at::Tensor& input,
+                           const std::optional<at::Tensor>& output, const at::Tensor& weight, const at::Tensor& mean,
+                           const at::Tensor& var, double eps, bool relu, const std::optional<at::Tensor>& bias) {
+  check_batch_norm_act_backward_args(name, grad, input, output, weight, mean, var, relu, bias, /*mask_from_input=*/true);
   const int64_t C = input.size(1);
-  TORCH_CHECK(weight.numel() == C && mean.numel() == C && var.numel() == C, name,
-              ": expected weight, mean and var of ", C, " elements");
   BackwardArgs a;
   a.fmt = input.suggest_memory_format();
   a.x = input.contiguous(a.fmt);
@@ -178,13 +166,7 @@ BackwardArgs backward_args(const char* name, const at::Tensor& input, const std:
   return a;
 }
 
-at::Tensor dense_grad(const char* name, const at::Tensor& grad, const BackwardArgs& a) {
-  TORCH_CHECK(grad.sizes() == a.x.sizes(), name, ": expected a gradient of shape ", a.x.sizes(), ", got ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == a.x.scalar_type(), name, ": the gradient has dtype ", grad.scalar_type(),
-              ", the input ", a.x.scalar_type());
-  return grad.contiguous(a.fmt);
-}
+at::Tensor dense_grad(const at::Tensor& grad, const BackwardArgs& a) { return grad.contiguous(a.fmt); }
 
 // Pass 1: sum_dz[c] = sum(dz), sum_dzxmu[c] = sum(dz * (x - mean)) with dz = mask * dy, written to
 // dz when it is defined.
@@ -251,8 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
     const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool relu,
     bool residual_grad, const std::optional<at::Tensor>& bias) {
   constexpr const char* name = "batch_norm_act_backward";
-  const BackwardArgs a = backward_args(name, input, output, weight, mean, var, eps, relu, bias);
-  const at::Tensor dy = dense_grad(name, grad_y, a);
+  const BackwardArgs a = backward_args(name, grad_y, input, output, weight, mean, var, eps, relu, bias);
+  const at::Tensor dy = dense_grad(grad_y, a);
   const int64_t C = a.x.size(1);
   const auto options = a.x.options().memory_format(a.fmt);
   at::Tensor dz = residual_grad ? at::empty(a.x.sizes(), options) : at::Tensor();
@@ -276,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_reduce_cp
     const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var, double eps, bool relu,
     const std::optional<at::Tensor>& bias) {
   constexpr const char* name = "batch_norm_act_backward_reduce";
-  const BackwardArgs a = backward_args(name, input, output, weight, mean, var, eps, relu, bias);
-  const at::Tensor dy = dense_grad(name, grad_y, a);
+  const BackwardArgs a = backward_args(name, grad_y, input, output, weight, mean, var, eps, relu, bias);
+  const at::Tensor dy = dense_grad(grad_y, a);
   const int64_t C = a.x.size(1);
   at::Tensor dz = at::empty(a.x.sizes(), a.x.options().memory_format(a.fmt));
   const auto f64 = a.x.options().dtype(at::kDouble);
@@ -294,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_input_cpu
     const at::Tensor& grad_z, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& var, const at::Tensor& sum_dz, const at::Tensor& sum_dzxmu, bool training, double eps) {
   constexpr const char* name = "batch_norm_act_backward_input";
-  const BackwardArgs a = backward_args(name, input, std::nullopt, weight, mean, var, eps, false, std::nullopt);
-  const at::Tensor dz = dense_grad(name, grad_z, a);
+  const BackwardArgs a = backward_args(name, grad_z, input, std::nullopt, weight, mean, var, eps, false, std::nullopt);
+  const at::Tensor dz = dense_grad(grad_z, a);
   const int64_t C = a.x.size(1);
   TORCH_CHECK(sum_dz.scalar_type() == at::kDouble && sum_dzxmu.scalar_type() == at::kDouble &&
                   sum_dz.numel() == C && sum_dzxmu.numel() == C,
@@ -344,25 +326,20 @@ void batch_norm_update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_v
   });
 }
 
-// The inference epilogue y = act(x + bias + r): the apply loops with a scale of 1.
-at::Tensor bias_act_cpu(const at::Tensor& input, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-                        int64_t residual_stride, bool relu) {
-  check_bias_act_args(input, bias, residual, residual_stride);
-  const auto fmt = input.suggest_memory_format();
-  const at::Tensor x = input.contiguous(fmt);
-  const int64_t C = x.size(1);
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
-  if (x.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const at::Tensor b = bias.to(acc_dtype(x)).contiguous();
-    const std::vector<acc_t> ones(C, acc_t(1));
-    run_apply<scalar_t>(x, y, is_channels_last(fmt), ones.data(), b.const_data_ptr<acc_t>(), residual, residual_stride, relu);
-  });
-  return y;
-}
-
 }  // namespace
+
+void channel_affine_act(const at::Tensor& x, at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                        const std::optional<at::Tensor>& residual, int64_t residual_stride, bool relu) {
+  TORCH_INTERNAL_ASSERT(y.sizes() == x.sizes() && scale.scalar_type() == acc_dtype(x) &&
+                        shift.scalar_type() == acc_dtype(x) && scale.is_contiguous() && shift.is_contiguous());
+  if (x.numel() == 0) return;
+  const bool cl = is_channels_last(x.suggest_memory_format());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "channel_affine_act", [&] {
+    using acc_t = acc_type<scalar_t>;
+    run_apply<scalar_t>(x, y, cl, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), residual,
+                        residual_stride, relu);
+  });
+}
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("batch_norm_act", &batch_norm_act_cpu);
@@ -370,7 +347,6 @@ TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("batch_norm_act_backward_reduce", &batch_norm_act_backward_reduce_cpu);
   m.impl("batch_norm_act_backward_input", &batch_norm_act_backward_input_cpu);
   m.impl("batch_norm_update_stats_", &batch_norm_update_stats_cpu);
-  m.impl("bias_act", &bias_act_cpu);
 }
 
 }  // namespace resnet_fast

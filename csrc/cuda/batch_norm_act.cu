@@ -354,17 +354,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& input, const std::optional<at::Tensor>& output,
     const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool relu,
-    bool residual_grad, const std::optional<at::Tensor>& /*bias: the CPU kernel's mask from x; unused here*/) {
-  TORCH_CHECK(input.dim() == 4 && grad_y.sizes() == input.sizes(), "batch_norm_act_backward: expected grad_y of shape ",
-              input.sizes(), ", got ", grad_y.sizes());
-  TORCH_CHECK(!relu || (output.has_value() && output->sizes() == input.sizes()),
-              "batch_norm_act_backward: with relu=True the CUDA kernel needs the forward output, of shape ",
-              input.sizes());
+    bool residual_grad, const std::optional<at::Tensor>& bias /*the CPU kernel's mask from x; unused here*/) {
+  check_batch_norm_act_backward_args("batch_norm_act_backward", grad_y, input, output, weight, mean, var, relu, bias,
+                                     /*mask_from_input=*/false);
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), M = N * H * W;
-  TORCH_CHECK(weight.numel() == C && mean.numel() == C && var.numel() == C,
-              "batch_norm_act_backward: expected weight, mean and var of ", C, " elements");
-  TORCH_CHECK(grad_y.scalar_type() == input.scalar_type(), "batch_norm_act_backward: grad_y has dtype ",
-              grad_y.scalar_type(), ", the input ", input.scalar_type());
   const c10::cuda::CUDAGuard guard(input.device());
   const auto fmt = input.suggest_memory_format();
   const at::Tensor x = input.contiguous(fmt), dy = grad_y.contiguous(fmt);
