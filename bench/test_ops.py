@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fast
+from resnet_fast import _routing
 from conftest import compare
 from resnet_fast.nn import bn_act
 from resnet_fast.ops import reference
@@ -66,9 +67,10 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("shape, out_channels, stride", CONV_CASES, ids=lambda v: str(v))
 def test_conv3x3_fwd_bwd(benchmark, shape, out_channels, stride):
-    """Training's 3x3 convolution, channels_last float32: ours differs from PyTorch's only in the
-    weight gradient, so the whole fwd+bwd is compared (forward and input gradient are the same
-    oneDNN calls on both sides)."""
+    """Training's 3x3 convolution, channels_last float32, as the routing runs it on this machine
+    (resnet_fast._routing.conv3x3_train_plan, named in the row: Winograd's forward and input gradient
+    and/or our weight gradient, or, where neither pays, PyTorch's convolution itself), the whole
+    fwd+bwd against PyTorch's."""
     cl = torch.channels_last
     x = torch.randn(shape).contiguous(memory_format=cl).requires_grad_(True)
     w = torch.randn(out_channels, shape[1], 3, 3).contiguous(memory_format=cl).requires_grad_(True)
@@ -81,12 +83,14 @@ def test_conv3x3_fwd_bwd(benchmark, shape, out_channels, stride):
 
         return f
 
+    plan = _routing.conv3x3_train_plan(x, w, stride)
+    what = "no plan: PyTorch's" if plan is None else ("winograd " if plan.winograd else "") + ("our wgrad" if plan.weight_grad_kernel else "")
     compare(
         benchmark,
-        f"conv3x3 fwd+bwd {shape}->{out_channels} stride {stride} channels_last",
+        f"conv3x3_train fwd+bwd {shape}->{out_channels} stride {stride} ({what.strip()})",
         x.numel(),
-        run(resnet_fast.ops.conv3x3),
-        {"eager": run(reference.conv3x3)},
+        run(resnet_fast.ops.conv3x3_train),
+        {"eager": run(reference.conv3x3_train)},
         pairs=30,
         rounds=10,
     )

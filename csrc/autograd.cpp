@@ -1,10 +1,11 @@
-// Autograd of resnet_fast::batch_norm_act, zero_pad_shortcut and conv3x3 in C++, for the
-// extension's own kernels (CPU and CUDA; conv3x3 is CPU only).
+// Autograd of resnet_fast::batch_norm_act, zero_pad_shortcut and conv3x3_train in C++, for the
+// extension's own kernels (CPU and CUDA; conv3x3_train is CPU only).
 // The same rules as the Python registration that the Triton ops use (resnet_fast/ops/
 // batch_norm_act.py, `register`), without Python on the path: a training step calls this op once
 // per BatchNorm, and the Python autograd function cost about 100 us per call forward + backward
 // (a third of a small op's time, e.g. the option-A block end of ResNet-20).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/convolution_backward.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -17,6 +18,22 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// What the backward of batch_norm_act can do on x's device: the two choices that are the kernels'
+// capabilities rather than routing (resnet_fast/_routing.py lists them). The CPU kernels
+// recompute the ReLU mask from x through the forward's affine, bit for bit (so a unit without a
+// residual keeps no output for its backward: two fewer reads of an activation per backward pass),
+// and at a block end run the backward in two ops with the incoming gradient freed between them
+// (two block-sized gradients alive at a time instead of three). The GPU kernels read the output.
+struct BackwardFeatures {
+  bool mask_from_input;
+  bool split_at_block_end;
+};
+
+BackwardFeatures backward_features(const at::Tensor& x) {
+  const bool cpu = x.device().is_cpu();
+  return {cpu, cpu};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& x, const at::Tensor& weight,
                                                             const at::Tensor& bias,
@@ -92,7 +109,7 @@ class BatchNormAct : public torch::autograd::Function<BatchNormAct> {
                                        training, eps, relu);
     // Without a residual the CPU kernel recomputes the ReLU mask from x (the forward's affine, bit
     // for bit): y is not kept.
-    const bool from_x = relu && !residual.has_value() && x.device().is_cpu();
+    const bool from_x = relu && !residual.has_value() && backward_features(x).mask_from_input;
     ctx->save_for_backward({x, relu && !from_x ? y : at::Tensor(), weight, from_x ? bias : at::Tensor(), mean, var});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
@@ -127,8 +144,11 @@ class BatchNormAct : public torch::autograd::Function<BatchNormAct> {
     at::Tensor grad_y = std::move(grads[0]);
     // The kernels read the gradient in x's layout; converted here rather than in the op, the
     // gradient in the other layout (e.g. average pooling's, NCHW) is freed before the op allocates.
-    if (grad_y.defined() && x.device().is_cpu()) grad_y = grad_y.contiguous(x.suggest_memory_format());
-    if (residual_grad && x.device().is_cpu()) {
+    const BackwardFeatures features = backward_features(x);
+    if (grad_y.defined() && features.split_at_block_end) grad_y = grad_y.contiguous(x.suggest_memory_format());
+    // Under create_graph=True (a second derivative to come) the one-op backward runs: it is the
+    // differentiable one (resnet_fast/ops/batch_norm_act.py, _double_backward).
+    if (residual_grad && features.split_at_block_end && !at::GradMode::is_enabled()) {
       // The end of a residual block: dz (the residual's gradient) is written anyway, and pass 2
       // reads dz, not dy. Two ops, with the incoming gradient released between them, keep two
       // block-sized gradients alive at a time, not three (as eager's ReLU backward + add do).
@@ -182,51 +202,62 @@ class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
   }
 };
 
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>& conv3x3_op() {
+using Conv3x3Signature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool);
+
+const c10::TypedOperatorHandle<Conv3x3Signature>& conv3x3_op() {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("resnet_fast::conv3x3", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+                             .findSchemaOrThrow("resnet_fast::conv3x3_train", "")
+                             .typed<Conv3x3Signature>();
   return op;
 }
 
-// conv3x3: at stride 1 the input gradient is the op itself on the flipped, transposed weight (so
-// Winograd runs it where it runs the forward, and double backward differentiates it again); at
-// stride 2 it is ATen's (oneDNN's backward-data). The weight gradient is ours.
-class Conv3x3 : public torch::autograd::Function<Conv3x3> {
+// conv3x3_train: at stride 1 the input gradient is the op itself on the flipped, transposed weight
+// (so Winograd runs it where it runs the forward: C and K swap, and the rule is symmetric in them;
+// double backward differentiates it again); at stride 2 it is ATen's (oneDNN's backward-data).
+// The weight gradient is conv3x3_weight_grad, by our kernel where the caller's plan says so.
+class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                               bool winograd, bool weight_grad_kernel) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({x, weight});
     ctx->saved_data["stride"] = stride;
-    return {conv3x3_op().call(x, weight, stride)};
+    ctx->saved_data["winograd"] = winograd;
+    ctx->saved_data["weight_grad_kernel"] = weight_grad_kernel;
+    return {conv3x3_op().call(x, weight, stride, winograd, weight_grad_kernel)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto weight_grad_op = c10::Dispatcher::singleton()
                                            .findSchemaOrThrow("resnet_fast::conv3x3_weight_grad", "")
-                                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+                                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1];
     const int64_t stride = ctx->saved_data["stride"].toInt();
+    const bool winograd = ctx->saved_data["winograd"].toBool();
+    const bool kernel = ctx->saved_data["weight_grad_kernel"].toBool();
     at::Tensor grad_x, grad_weight;
     if (ctx->needs_input_grad(0)) {
-      if (stride == 1 && x.device().is_cpu())  // the convolution with the flipped, transposed weight
-        grad_x = conv3x3_op().call(grads[0], weight.flip({2, 3}).transpose(0, 1), 1);
+      // The convolution with the flipped, transposed weight (its own weight gradient, needed only
+      // in a double backward, is ATen's: our kernel's channel rules are not symmetric in C and K).
+      if (stride == 1)
+        grad_x = conv3x3_op().call(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false);
       else
         grad_x = std::get<0>(at::convolution_backward(grads[0], x, weight, std::nullopt, {stride, stride}, {1, 1},
                                                       {1, 1}, false, {0, 0}, 1, {true, false, false}));
     }
     if (ctx->needs_input_grad(1)) {
-      grad_weight = weight_grad_op.call(grads[0], x, stride);
+      grad_weight = weight_grad_op.call(grads[0], x, stride, kernel);
       if (!grad_weight.is_contiguous(weight.suggest_memory_format()))  // the parameter's own layout
         grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
     }
-    return {grad_x, grad_weight, at::Tensor()};
+    return {grad_x, grad_weight, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor conv3x3_autograd(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
-  return Conv3x3::apply(x, weight, stride)[0];
+at::Tensor conv3x3_train_autograd(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd,
+                                  bool weight_grad_kernel) {
+  return Conv3x3Train::apply(x, weight, stride, winograd, weight_grad_kernel)[0];
 }
 
 at::Tensor zero_pad_shortcut_autograd(const at::Tensor& x, int64_t out_channels, int64_t stride) {
@@ -247,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_autograd(
 TORCH_LIBRARY_IMPL(resnet_fast, Autograd, m) {
   m.impl("batch_norm_act", &batch_norm_act_autograd);
   m.impl("zero_pad_shortcut", &zero_pad_shortcut_autograd);
-  m.impl("conv3x3", &conv3x3_autograd);
+  m.impl("conv3x3_train", &conv3x3_train_autograd);
 }
 
 }  // namespace resnet_fast

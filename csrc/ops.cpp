@@ -1,6 +1,7 @@
-// The schemas of every resnet_fast op. Implementations register for their dispatch keys in
-// csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fake kernels and autograd are added in Python
-// (resnet_fast/ops/<op>.py), except the forward ops' autograd, in C++ (csrc/autograd.cpp).
+// The schemas of every resnet_fast op: the one table of them. Implementations register for their
+// dispatch keys in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; the Triton ops (resnet_fast/triton/)
+// take these schemas under their own namespace; fake kernels and Python autograd are added in
+// resnet_fast/ops/<op>.py, the forward ops' autograd for these kernels in csrc/autograd.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -13,26 +14,34 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// The arguments of the ops that Triton implements too, written once: each op and its
+// check_<op> (below) take them.
+#define RF_ZERO_PAD_SHORTCUT_ARGS "(Tensor x, int out_channels, int stride)"
+#define RF_ZERO_PAD_SHORTCUT_BACKWARD_ARGS "(Tensor grad_out, SymInt[] input_size, int stride)"
+#define RF_BATCH_NORM_ACT_ARGS                                                                  \
+  "(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, Tensor? residual, " \
+  "int residual_stride, bool training, float eps, bool relu)"
+#define RF_BATCH_NORM_ACT_BACKWARD_ARGS                                                           \
+  "(Tensor grad_y, Tensor x, Tensor? output, Tensor weight, Tensor mean, Tensor var, bool training, " \
+  "float eps, bool relu, bool residual_grad, Tensor? bias=None)"
+#define RF_BIAS_ACT_ARGS "(Tensor x, Tensor bias, Tensor? residual, int residual_stride, bool relu)"
+
 TORCH_LIBRARY(resnet_fast, m) {
   // Option-A shortcut (see csrc/common/zero_pad_shortcut.h).
-  m.def("zero_pad_shortcut(Tensor x, int out_channels, int stride) -> Tensor");
-  m.def("zero_pad_shortcut_backward(Tensor grad_out, SymInt[] input_size, int stride) -> Tensor");
+  m.def("zero_pad_shortcut" RF_ZERO_PAD_SHORTCUT_ARGS " -> Tensor");
+  m.def("zero_pad_shortcut_backward" RF_ZERO_PAD_SHORTCUT_BACKWARD_ARGS " -> Tensor");
 
   // BatchNorm (+ residual add) (+ ReLU) (see csrc/common/batch_norm_act.h). Returns the output and
   // the mean and biased variance it normalised with (the batch's in training, the running
   // statistics in eval); the caller updates the running statistics. The residual is read in place:
   // r[n, c, h, w] = residual[n, c, h * residual_stride, w * residual_stride] for c < its channels, 0
   // beyond, which covers the identity, a projection and the option-A zero-padding shortcut.
-  m.def(
-      "batch_norm_act(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, "
-      "Tensor? residual, int residual_stride, bool training, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_act" RF_BATCH_NORM_ACT_ARGS " -> (Tensor, Tensor, Tensor)");
   // Returns (grad_x, grad_weight, grad_bias, grad_residual); grad_residual is the gradient of the
   // full-size residual term (empty unless residual_grad). With relu, the ReLU mask comes from
   // `output`, or, when output is None, from x through the forward's affine, which needs `bias`
   // (the CPU kernel; the GPU kernels require output).
-  m.def(
-      "batch_norm_act_backward(Tensor grad_y, Tensor x, Tensor? output, Tensor weight, Tensor mean, Tensor var, "
-      "bool training, float eps, bool relu, bool residual_grad, Tensor? bias=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_norm_act_backward" RF_BATCH_NORM_ACT_BACKWARD_ARGS " -> (Tensor, Tensor, Tensor, Tensor)");
   // The same backward in two ops (CPU only), so that the caller can free grad_y between them: the
   // first returns dz (grad_y through the ReLU mask; the gradient of the residual term) and the
   // float64 per-channel sums of dz and dz * (x - mean); the second (grad_x, grad_weight, grad_bias)
@@ -51,17 +60,31 @@ TORCH_LIBRARY(resnet_fast, m) {
       "float momentum, int count) -> ()");
   // The inference epilogue after a convolution with BatchNorm folded into its weights:
   // y = relu(x + bias[c] + r), the residual read as by batch_norm_act.
-  m.def("bias_act(Tensor x, Tensor bias, Tensor? residual, int residual_stride, bool relu) -> Tensor");
+  m.def("bias_act" RF_BIAS_ACT_ARGS " -> Tensor");
+
   // Max pooling's values without its argmax indices (inference; dilation 1, floor mode), as
   // F.max_pool2d computes them. CPU only: the GPUs keep PyTorch's pooling.
   m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
-  // The residual nets' 3x3 convolution (padding 1, no bias, stride 1 or 2) for training: the
-  // forward and input gradient are ATen's, the weight gradient conv3x3_weight_grad (CPU only; see
-  // csrc/cpu/conv3x3.cpp). conv3x3_weight_grad returns dW of shape (K, C, 3, 3) in channels_last.
-  m.def("conv3x3(Tensor x, Tensor weight, int stride) -> Tensor");
-  m.def("conv3x3_weight_grad(Tensor grad_out, Tensor x, int stride) -> Tensor");
+
+  // The residual nets' 3x3 convolution (padding 1, no bias, stride 1 or 2) for training (CPU).
+  // How it runs is decided by the caller (resnet_fast._routing.conv3x3_train_plan): `winograd`:
+  // the forward and, at stride 1, the input gradient by Winograd F(2x2, 3x3), else ATen's;
+  // `weight_grad_kernel`: the weight gradient by our AVX2 kernel (conv3x3_weight_grad), else ATen's.
+  // conv3x3_weight_grad returns dW of shape (K, C, 3, 3) in channels_last.
+  m.def("conv3x3_train(Tensor x, Tensor weight, int stride, bool winograd, bool weight_grad_kernel) -> Tensor");
+  m.def("conv3x3_weight_grad(Tensor grad_out, Tensor x, int stride, bool kernel) -> Tensor");
   // Inference: relu(conv3x3(x, weight) + bias + residual), stride 1, padding 1, by Winograd
-  // F(2x2, 3x3) with the weight given transformed, (16, C, K) (resnet_fast.ops.conv3x3_winograd).
-  // CPU, float32 only.
+  // F(2x2, 3x3) with the weight given transformed, (16, C, K), by winograd_weight (in float64,
+  // rounded once to float32). CPU, float32 only.
   m.def("conv3x3_bias_act(Tensor x, Tensor weight_winograd, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+  m.def("winograd_weight(Tensor weight) -> Tensor");
+
+  // The argument checks of the ops above that Triton implements too (csrc/common/checks.h, for any
+  // device): the Triton launchers run them, so that every implementation refuses bad input with
+  // the same words. check_batch_norm_act_backward is the GPU kernels' (the ReLU mask from output).
+  m.def("check_zero_pad_shortcut" RF_ZERO_PAD_SHORTCUT_ARGS " -> ()");
+  m.def("check_zero_pad_shortcut_backward" RF_ZERO_PAD_SHORTCUT_BACKWARD_ARGS " -> ()");
+  m.def("check_batch_norm_act" RF_BATCH_NORM_ACT_ARGS " -> ()");
+  m.def("check_batch_norm_act_backward" RF_BATCH_NORM_ACT_BACKWARD_ARGS " -> ()");
+  m.def("check_bias_act" RF_BIAS_ACT_ARGS " -> ()");
 }

@@ -12,6 +12,7 @@ from ._backend import (
     extension_available,
     extension_error,
     get_backend,
+    kernels,
     set_backend,
     use_backend,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "extension_error",
     "get_backend",
     "get_model",
+    "kernels",
     "list_models",
     "nn",
     "ops",

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"backend: {resnet_fast.get_backend()} (available: {', '.join(resnet_fast.available_backends())})")
     if resnet_fast.extension_available():
-        kernels = {op: [d for d, built in v.items() if built] for op, v in resnet_fast._backend.kernels().items()}
+        kernels = {op: [d for d, built in v.items() if built] for op, v in resnet_fast.kernels().items()}
         print(f"extension: loaded; kernels: {kernels}")
     else:
         print(f"extension: NOT loaded ({resnet_fast.extension_error()}); running the eager formulas")

@@ -1,32 +1,35 @@
-"""Which implementation runs each fused op.
+"""The backend switch and what is built: which implementations exist on this machine.
 
 Backends:
 
 * ``auto`` (default): the best implementation for the tensor's device: the C++ kernels for
-  CPU tensors, the GPU kernels for CUDA tensors, the eager formula where none is built.
+  CPU tensors, Triton (else the CUDA C++ kernels) for CUDA tensors, the formula where none is built.
 * ``eager``: every op runs its pure-PyTorch formula (:mod:`resnet_fast.ops.reference`).
 * ``cpu`` / ``cuda``: the C++ / CUDA C++ kernels of the compiled extension.
 * ``triton``: the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-``auto`` runs Triton for CUDA tensors when triton is installed, else the CUDA C++ kernels.
+Choose with the environment variable ``RESNET_FAST_BACKEND`` (read at import) or
+:func:`set_backend`. Which implementation then runs for a given op, tensor and module is
+decided in :mod:`resnet_fast._routing`, from the state kept here.
 
-A backend runs the ops it implements; an op it lacks runs its eager formula (the table of
-which op has which kernel is :func:`kernels`). Choose with the environment variable
-``RESNET_FAST_BACKEND`` (read at import) or :func:`set_backend`.
-
-Every decision here is plain Python on module state computed at import, so that
+Every function here is plain Python on module state computed at import, so that
 ``torch.compile`` traces through it without a graph break.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import warnings
 
 import torch
 
 BACKENDS = ("auto", "eager", "cpu", "cuda", "triton")
+
+# The fused ops, as the README's op table lists them (their backward ops and helpers are not
+# listed). Which of them have kernels where is read from the dispatcher below.
+FUSED_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d", "conv3x3_train", "conv3x3_bias_act")
 
 # -- the compiled extension -------------------------------------------------------------------
 
@@ -39,7 +42,8 @@ except Exception as exc:  # ImportError, or an OSError from a broken build
     warnings.warn(
         "resnet_fast: the compiled extension resnet_fast._C could not be loaded "
         f"({_extension_error}); every op falls back to its eager PyTorch formula, which is "
-        "slower. Rebuild it with `pip install --no-build-isolation -e .`.",
+        f"slower. Rebuild it against the installed torch ({torch.__version__}) with "
+        "`pip install --no-build-isolation -e .`.",
         RuntimeWarning,
         stacklevel=2,
     )
@@ -72,10 +76,10 @@ _CUDA_DEVICE = torch.cuda.is_available()
 
 
 def _triton_problem() -> str | None:
-    import importlib.util
-
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
+    if _extension_error is not None:
+        return f"the Triton ops take their schemas from the compiled extension, which is not loaded ({_extension_error})"
     if not (_CUDA_DEVICE or TRITON_INTERPRET):
         return (
             "Triton kernels need a CUDA device (none here); set TRITON_INTERPRET=1 before importing "
@@ -85,14 +89,21 @@ def _triton_problem() -> str | None:
 
 
 _triton_error = _triton_problem()
+_TRITON_OPS: tuple[str, ...] = ()  # filled in by resnet_fast.triton when it loads
+
+
+def _triton_loaded(ops: tuple[str, ...]) -> None:
+    """Called by resnet_fast.triton once its ops are defined."""
+    global _TRITON_OPS
+    _TRITON_OPS = tuple(ops)
+    _refresh()
 
 
 def _disable_triton(reason: str) -> None:
     """Called when resnet_fast.triton fails to import (a triton release it does not support)."""
-    global _triton_error
-    _triton_error = reason
-    for v in _KERNELS.values():
-        v["triton"] = False
+    global _triton_error, _TRITON_OPS
+    _triton_error, _TRITON_OPS = reason, ()
+    _refresh()
 
 
 def triton_available() -> bool:
@@ -100,18 +111,35 @@ def triton_available() -> bool:
     return _triton_error is None
 
 
-# Ops with compiled kernels, and which devices each one covers: {op: {"cpu", "cuda", "triton": bool}}.
-EXTENSION_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d", "conv3x3", "conv3x3_bias_act")
-TRITON_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act")  # the others are CPU-only
-_KERNELS = {
-    op: {"cpu": _registered(op, "CPU"), "cuda": _registered(op, "CUDA"), "triton": _triton_error is None and op in TRITON_OPS}
-    for op in EXTENSION_OPS
-}
+def triton_error() -> str | None:
+    """Why the Triton kernels cannot run here, or None when they can."""
+    return _triton_error
+
+
+# {op: {"cpu", "cuda", "triton": bool}} for every fused op.
+_KERNELS: dict[str, dict[str, bool]] = {}
+
+
+def _refresh() -> None:
+    for op in FUSED_OPS:
+        _KERNELS[op] = {
+            "cpu": _registered(op, "CPU"),
+            "cuda": _registered(op, "CUDA"),
+            "triton": _triton_error is None and op in _TRITON_OPS,
+        }
+
+
+_refresh()
 
 
 def kernels() -> dict[str, dict[str, bool]]:
-    """{op: {"cpu": built, "cuda": built, "triton": usable}} for every fused op."""
+    """Which fused op has kernels where: ``{op: {"cpu": built, "cuda": built, "triton": usable}}``."""
     return {op: dict(v) for op, v in _KERNELS.items()}
+
+
+def has_kernel(op: str, impl: str) -> bool:
+    """Whether ``op`` has a kernel in implementation ``impl`` (cpu, cuda or triton)."""
+    return _KERNELS.get(op, {}).get(impl, False)
 
 
 def cuda_kernels_built() -> bool:
@@ -180,35 +208,7 @@ def use_backend(name: str):
 
 
 def ops_for(impl: str):
-    """The op namespace of an implementation from :func:`resolve`: the Triton ops
-    (``torch.ops.resnet_fast_triton``, defined in resnet_fast/triton/) or the C++/CUDA ones
-    (``torch.ops.resnet_fast``); both have the same schemas."""
+    """The op namespace of an implementation: the Triton ops (``torch.ops.resnet_fast_triton``,
+    defined in resnet_fast/triton/) or the C++/CUDA ones (``torch.ops.resnet_fast``); both have
+    the same schemas."""
     return torch.ops.resnet_fast_triton if impl == "triton" else torch.ops.resnet_fast
-
-
-def resolve(op: str, device: torch.device) -> str:
-    """The implementation that runs ``op`` on a tensor of ``device``: eager, cpu, cuda or triton.
-    ``auto`` picks Triton for CUDA tensors (then the CUDA C++ kernels), the C++ kernels for CPU
-    tensors; ``triton`` also takes CPU tensors under TRITON_INTERPRET=1."""
-    backend = _current
-    if backend == "eager":
-        return "eager"
-    kind = device.type
-    table = _KERNELS.get(op, {})
-    if backend == "triton":
-        if kind == "cuda" or (kind == "cpu" and TRITON_INTERPRET):
-            return "triton" if table.get("triton") else "eager"
-        raise RuntimeError(
-            f"resnet_fast backend 'triton' was selected but {op} got a tensor on {device}; Triton runs CUDA "
-            "tensors (and CPU tensors only with TRITON_INTERPRET=1 set before import)"
-        )
-    if backend in ("cpu", "cuda") and kind != backend:
-        raise RuntimeError(
-            f"resnet_fast backend {backend!r} was selected but {op} got a tensor on {device}; "
-            f"move the tensor to {backend} or call resnet_fast.set_backend('auto')"
-        )
-    if backend == "auto" and kind == "cuda" and table.get("triton"):
-        return "triton"
-    if kind in ("cpu", "cuda") and table.get(kind, False):
-        return kind
-    return "eager"

@@ -104,9 +104,9 @@ def test_fallback_when_the_extension_is_missing():
 
 
 def test_kernel_table_lists_built_kernels():
-    table = resnet_fast._backend.kernels()
-    assert set(table) == {"zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d", "conv3x3", "conv3x3_bias_act"}
-    cpu_only = {"max_pool2d", "conv3x3", "conv3x3_bias_act"}  # the GPUs keep PyTorch's pooling and cuDNN's convolutions
+    table = resnet_fast.kernels()
+    assert set(table) == {"zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d", "conv3x3_train", "conv3x3_bias_act"}
+    cpu_only = {"max_pool2d", "conv3x3_train", "conv3x3_bias_act"}  # the GPUs keep PyTorch's pooling and cuDNN's convolutions
     for op in table:
         assert table[op]["cpu"] == resnet_fast.extension_available()
         assert table[op]["triton"] == (resnet_fast._backend.triton_available() and op not in cpu_only)
@@ -118,16 +118,16 @@ def test_kernel_table_lists_built_kernels():
 def test_triton_backend_runs_cpu_tensors_in_the_interpreter():
     resnet_fast.set_backend("triton")
     x = torch.randn(2, 4, 3, 3)
-    assert resnet_fast._backend.resolve("batch_norm_act", x.device) == "triton"
+    assert resnet_fast._routing.impl_for("batch_norm_act", x.device) == "triton"
     resnet_fast.set_backend("auto")
-    assert resnet_fast._backend.resolve("batch_norm_act", x.device) != "triton"  # auto keeps the C++ kernels on CPU
+    assert resnet_fast._routing.impl_for("batch_norm_act", x.device) != "triton"  # auto keeps the C++ kernels on CPU
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
 def test_auto_prefers_triton_for_cuda_tensors():
     x = torch.randn(2, 4, 3, 3, device="cuda")
     expected = "triton" if resnet_fast._backend.triton_available() else "cuda"
-    assert resnet_fast._backend.resolve("batch_norm_act", x.device) == expected
+    assert resnet_fast._routing.impl_for("batch_norm_act", x.device) == expected
     if resnet_fast._backend.cuda_kernels_built():
         resnet_fast.set_backend("cuda")
-        assert resnet_fast._backend.resolve("batch_norm_act", x.device) == "cuda"
+        assert resnet_fast._routing.impl_for("batch_norm_act", x.device) == "cuda"

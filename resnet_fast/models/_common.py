@@ -8,18 +8,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 from torchvision.models._api import WeightsEnum
 
-from .. import _backend
+from .. import _routing
 from ..nn.blocks import BasicBlock, Bottleneck
 
 
 def check_input(model: nn.Module, x: Tensor, in_channels: int, downsamplings: int) -> None:
-    """Raises ValueError with what was expected when ``x`` cannot go through ``model``.
-    (Nothing to check on the symbolic tensors of torch.fx tracing.)"""
-    if is_fx_tracing():
-        return
+    """Raises ValueError with what was expected when ``x`` cannot go through ``model``."""
     name = type(model).__name__
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expects a torch.Tensor of shape (N, {in_channels}, H, W), got {type(x).__name__}")
@@ -50,39 +46,19 @@ def check_input(model: nn.Module, x: Tensor, in_channels: int, downsamplings: in
 
 
 def choose_layout(model: nn.Module) -> None:
-    """Puts the convolution weights in channels_last when the fused CPU kernels will run: oneDNN
-    then convolves without reordering the weights at every call (ResNet-20 training: about 10%
-    faster). Values, shapes and state_dict keys are unchanged; only the strides differ. With the
-    eager backend the weights stay NCHW, so the model computes exactly what torchvision does."""
-    if _backend.get_backend() in ("auto", "cpu") and _backend.kernels().get("batch_norm_act", {}).get("cpu"):
+    """Creates the convolution weights in :func:`resnet_fast._routing.conv_weight_format`
+    (channels_last when the fused CPU kernels will run the model)."""
+    fmt = _routing.conv_weight_format()
+    if fmt != torch.contiguous_format:
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
-
-
-_MKLDNN = torch.backends.mkldnn.is_available()  # (read once: torch.compile does not trace it)
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
 
 
 def to_internal_layout(x: Tensor, stem: nn.Conv2d) -> Tensor:
-    """The layout the network runs in. The fused kernels are fastest on channels_last (oneDNN's
-    convolutions too), so the stem switches to it whenever they run; the logits that come out are
-    the same 2-D tensor either way, so the caller never sees the difference.
-
-    Training a float32 net on the CPU, the batch goes in as it is: oneDNN convolves an NCHW input
-    with the channels_last stem weights into a channels_last output, and no converted copy of the
-    batch stays alive as the stem's saved input (9.6 MB at ResNet-50 batch 16: the difference
-    between our peak memory and eager channels_last's)."""
-    if is_fx_tracing() or _backend.resolve("batch_norm_act", x.device) == "eager":
-        return x
-    if (
-        stem.training
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and stem.weight.is_contiguous(memory_format=torch.channels_last)
-        and _MKLDNN
-    ):
-        return x
-    return x.contiguous(memory_format=torch.channels_last)
+    """``x`` in the layout the network runs in (:func:`resnet_fast._routing.internal_layout`)."""
+    fmt = _routing.internal_layout(x, stem)
+    return x if fmt is None else x.contiguous(memory_format=fmt)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .. import _routing
 from ..nn.blocks import SHORTCUTS, BasicBlock, make_shortcut
 from ..nn.functional import conv_bn_act, run_owning_residuals
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
@@ -95,11 +96,26 @@ class CifarResNet(nn.Module):
         choose_layout(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        # The formula where the model is being scripted or captured, see resnet_fast.nn.blocks.
+        if torch.jit.is_scripting():
+            return self._forward_formula(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        if _routing.formulas_only():
+            return self._forward_formula(x)
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
         x = to_internal_layout(x, self.conv1)
         x = conv_bn_act(x, self.conv1, self.bn1)
         # The blocks' inputs are this forward's own tensors: block ends may reuse them.
         x = run_owning_residuals(self, lambda t: self.layer3(self.layer2(self.layer1(t))), x)
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+    def _forward_formula(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
 

@@ -21,6 +21,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models._api import WeightsEnum
 from torchvision.models._utils import _ovewrite_named_param
 
+from .. import _routing
 from ..nn.blocks import SHORTCUTS, BasicBlock, Bottleneck, MaxPool2d, make_shortcut
 from ..nn.functional import conv_bn_act, run_owning_residuals
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
@@ -166,6 +167,16 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        # The formula (torchvision's forward) where the model is being scripted or captured, see
+        # resnet_fast.nn.blocks.
+        if torch.jit.is_scripting():
+            return self._forward_formula(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        if _routing.formulas_only():
+            return self._forward_formula(x)
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
         x = to_internal_layout(x, self.conv1)
         x = conv_bn_act(x, self.conv1, self.bn1)
@@ -173,6 +184,22 @@ class ResNet(nn.Module):
 
         # The blocks' inputs are this forward's own tensors: block ends may reuse them.
         x = run_owning_residuals(self, lambda t: self.layer4(self.layer3(self.layer2(self.layer1(t)))), x)
+
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return x
+
+    def _forward_formula(self, x: Tensor) -> Tensor:  # torchvision's ResNet._forward_impl
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
 
         x = self.avgpool(x)
         x = torch.flatten(x, 1)

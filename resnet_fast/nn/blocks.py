@@ -1,15 +1,22 @@
 """The building blocks of the paper's networks, with torchvision's module names and
-state_dict keys, running the fused ops."""
+state_dict keys, running the fused ops.
+
+Each module's ``forward`` has two bodies: the fused one, and the formula, which calls the
+submodules in torchvision's order (``_forward_formula``: torchvision's own forward). The formula
+runs where the model is being captured for another runtime (:func:`resnet_fast._routing.formulas_only`:
+torch.jit.trace, torch.export, ONNX export, torch.fx) and is what ``torch.jit.script`` compiles, so
+that a captured model holds PyTorch's ops only and runs without resnet_fast.
+"""
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 
-from .. import ops
+from .. import _routing, ops
 from .functional import conv_bn_act
 
 
@@ -38,14 +45,23 @@ class ZeroPadShortcut(nn.Module):
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
     def forward(self, x: Tensor) -> Tensor:
-        if is_fx_tracing():  # the formula, in ops that torch.fx records
-            s = self.stride
-            return F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, 0, self.out_channels - self.in_channels))
+        if torch.jit.is_scripting():
+            return self._forward_formula(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        if _routing.formulas_only():
+            return self._forward_formula(x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ZeroPadShortcut: expected an input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
         return ops.zero_pad_shortcut(x, self.out_channels, self.stride)
+
+    def _forward_formula(self, x: Tensor) -> Tensor:
+        s = self.stride
+        return F.pad(x[:, :, ::s, ::s], [0, 0, 0, 0, 0, self.out_channels - self.in_channels])
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
@@ -54,12 +70,24 @@ class ZeroPadShortcut(nn.Module):
 class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` (same arguments, repr and behaviour) that, on the CPU kernels' path and when
     no gradient is needed, computes only the window maxima (:func:`resnet_fast.ops.max_pool2d`)
-    rather than ATen's maxima plus argmax indices."""
+    rather than ATen's maxima plus argmax indices (:func:`resnet_fast._routing.max_pool2d_impl`)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if is_fx_tracing() or self.return_indices or self.ceil_mode or self.dilation not in (1, (1, 1), [1, 1]):
-            return super().forward(x)
-        return ops.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+    def forward(self, input: Tensor):
+        if torch.jit.is_scripting():
+            return self._forward_formula(input)
+        return self._forward_fused(input)
+
+    @torch.jit.unused
+    def _forward_fused(self, input: Tensor):
+        if _routing.formulas_only() or _routing.max_pool2d_impl(input, self.ceil_mode, self.dilation, self.return_indices) != "cpu":
+            return self._forward_formula(input)
+        return ops.max_pool2d(input, self.kernel_size, self.stride, self.padding)
+
+    def _forward_formula(self, input: Tensor):  # nn.MaxPool2d.forward
+        return F.max_pool2d(
+            input, self.kernel_size, self.stride, self.padding, self.dilation,
+            ceil_mode=self.ceil_mode, return_indices=self.return_indices,
+        )
 
 
 def shortcut_of(downsample: nn.Module | None, x: Tensor) -> tuple[Tensor, int]:
@@ -67,7 +95,7 @@ def shortcut_of(downsample: nn.Module | None, x: Tensor) -> tuple[Tensor, int]:
     not run: the fused kernel reads the block input in place, subsampled and zero-padded."""
     if downsample is None:
         return x, 1
-    if downsample._forward_hooks or downsample._forward_pre_hooks or is_fx_tracing():
+    if _routing.has_hooks(downsample):
         return downsample(x), 1
     if type(downsample) is ZeroPadShortcut:
         return x, downsample.stride
@@ -113,11 +141,33 @@ class BasicBlock(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_formula(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        if _routing.formulas_only():
+            return self._forward_formula(x)
         out = conv_bn_act(x, self.conv1, self.bn1)
         if not self.residual:
             return conv_bn_act(out, self.conv2, self.bn2)
         identity, stride = shortcut_of(self.downsample, x)
         return conv_bn_act(out, self.conv2, self.bn2, residual=identity, residual_stride=stride)
+
+    def _forward_formula(self, x: Tensor) -> Tensor:  # torchvision's BasicBlock.forward
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.residual:
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+        out = self.relu(out)
+        return out
 
 
 class Bottleneck(nn.Module):
@@ -161,12 +211,37 @@ class Bottleneck(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_formula(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        if _routing.formulas_only():
+            return self._forward_formula(x)
         out = conv_bn_act(x, self.conv1, self.bn1)
         out = conv_bn_act(out, self.conv2, self.bn2)
         if not self.residual:
             return conv_bn_act(out, self.conv3, self.bn3)
         identity, stride = shortcut_of(self.downsample, x)
         return conv_bn_act(out, self.conv3, self.bn3, residual=identity, residual_stride=stride)
+
+    def _forward_formula(self, x: Tensor) -> Tensor:  # torchvision's Bottleneck.forward
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv3(out)
+        out = self.bn3(out)
+        if self.residual:
+            if self.downsample is not None:
+                identity = self.downsample(x)
+            out += identity
+        out = self.relu(out)
+        return out
 
 
 SHORTCUTS = ("A", "B", "C")

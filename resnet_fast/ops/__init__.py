@@ -1,12 +1,12 @@
-"""Fused ops: one module per op (registration, autograd, backend routing); formulas in
-:mod:`resnet_fast.ops.reference`."""
+"""Fused ops: one module per op (its wrapper, fake kernels and autograd); their formulas in
+:mod:`resnet_fast.ops.reference`; which implementation runs in :mod:`resnet_fast._routing`."""
 
 from .. import _backend
 from . import reference
 from .batch_norm_act import batch_norm_act
 from .bias_act import bias_act
-from .conv3x3 import conv3x3
-from .conv3x3_winograd import conv3x3_bias_act, winograd_weight
+from .conv3x3_bias_act import conv3x3_bias_act, winograd_weight
+from .conv3x3_train import conv3x3_train
 from .max_pool2d import max_pool2d
 from .zero_pad_shortcut import zero_pad_shortcut
 
@@ -17,6 +17,6 @@ if _backend.triton_available():
         _backend._disable_triton(f"resnet_fast.triton failed to import ({type(exc).__name__}: {exc})")
 
 __all__ = [
-    "batch_norm_act", "bias_act", "conv3x3", "conv3x3_bias_act", "max_pool2d", "reference", "winograd_weight",
+    "batch_norm_act", "bias_act", "conv3x3_bias_act", "conv3x3_train", "max_pool2d", "reference", "winograd_weight",
     "zero_pad_shortcut",
 ]

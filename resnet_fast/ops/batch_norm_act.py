@@ -1,9 +1,17 @@
 """BatchNorm (+ residual add) (+ ReLU): the fused end of every conv unit and residual block.
 
 Formula: :func:`resnet_fast.ops.reference.batch_norm_act`. Kernels: ``csrc/cpu/batch_norm_act.cpp``
-(loops in ``csrc/cpu/batch_norm_act_kernels.inc``), ``csrc/cuda/batch_norm_act.cu``,
-``resnet_fast/triton/kernels.py``; per-element math in ``csrc/common/batch_norm_act.h``. The op returns the mean and variance it normalised with; the
-running statistics are updated here, like nn.BatchNorm2d does, so the op itself mutates nothing.
+(loops in ``csrc/cpu/batch_norm_act/``), ``csrc/cuda/batch_norm_act.cu``,
+``resnet_fast/triton/batch_norm_act.py``; per-element math in ``csrc/common/batch_norm_act.h``;
+routing in :func:`resnet_fast._routing.batch_norm_act_impl`. The op returns the mean and variance
+it normalised with; the running statistics are updated here, as nn.BatchNorm2d does, so that the
+op itself mutates nothing.
+
+Autograd: the extension's op has it in C++ (``csrc/autograd.cpp``: no Python on the path, about
+100 us less per call); the Triton op has the same rules in Python (:func:`register_autograd`), and
+``tests/ops/test_batch_norm_act.py`` runs the same gradient cases through both. The backward op's
+own derivative (double backward: gradient penalties, MAML) is :func:`_double_backward`, the same
+for every implementation.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from .. import _backend
+from .. import _backend, _routing
 from . import reference
 
 
@@ -31,12 +39,12 @@ def batch_norm_act(
 ) -> Tensor:
     """``relu(batch_norm(x) + r)``, with ``r`` the residual subsampled by ``residual_stride`` and
     zero-padded to x's channels (the option-A shortcut read in place); see the formula."""
-    impl = _backend.resolve("batch_norm_act", x.device)
-    if impl == "eager" or weight is None or bias is None:
+    impl = _routing.batch_norm_act_impl(x, weight, bias)
+    if impl == "eager":
         if residual is not None and (residual_stride != 1 or residual.shape[1] != x.shape[1]):
             residual = reference.zero_pad_shortcut(residual, x.shape[1], residual_stride)
         return reference.batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu)
-    if training and x.dim() == 4 and x.numel() > 0 and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+    if training and x.numel() > 0 and x.shape[0] * x.shape[2] * x.shape[3] == 1:
         # The same error (type and words) as torch.nn.functional.batch_norm.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     y, mean, var = _backend.ops_for(impl).batch_norm_act(
@@ -73,9 +81,11 @@ def _like(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
 
 
-def register(ns: str) -> None:
-    """Fake kernels and autograd for ``{ns}::batch_norm_act`` (and its backward)."""
-    ops = getattr(torch.ops, ns)
+# -- what every namespace gets ----------------------------------------------------------------
+
+
+def register_fakes(ns: str) -> None:
+    """Fake kernels of ``{ns}::batch_norm_act`` and ``{ns}::batch_norm_act_backward``."""
 
     @torch.library.register_fake(f"{ns}::batch_norm_act")
     def _(x, weight, bias, running_mean, running_var, residual, residual_stride, training, eps, relu):
@@ -89,32 +99,103 @@ def register(ns: str) -> None:
         grad_residual = _like(x) if residual_grad else x.new_empty((0,))
         return _like(x), weight.new_empty((c,)), weight.new_empty((c,)), grad_residual
 
-    if ns == "resnet_fast":  # the backward in two ops (CPU), for the end of a residual block; the stats update
 
-        @torch.library.register_fake(f"{ns}::batch_norm_update_stats_")
-        def _(running_mean, running_var, mean, var, momentum, count):
-            return None
+def _backward_formula(grad_y, x, weight, mask, mean, var, training: bool, eps: float):
+    """The backward of the formula as differentiable PyTorch ops (csrc/common/batch_norm_act.h has
+    the same math): (grad_x, grad_weight, grad_bias, dz) from the incoming gradient, x and the
+    weight, with the ReLU mask held fixed (its derivative is zero wherever it is defined). In
+    training the statistics are recomputed from x, so that their dependence on x is differentiated
+    too; in eval they are the running statistics, constants."""
+    acc = _acc_dtype(x)
+    dims = (0, 2, 3)
+    xa, dz = x.to(acc), grad_y.to(acc)
+    if mask is not None:
+        dz = dz * mask
+    if training:
+        mu, v = xa.mean(dims), xa.var(dims, unbiased=False)
+    else:
+        mu, v = mean.to(acc), var.to(acc)
+    invstd = torch.rsqrt(v + eps)
+    xhat = (xa - mu[None, :, None, None]) * invstd[None, :, None, None]
+    grad_bias = dz.sum(dims)
+    grad_weight = (dz * xhat).sum(dims)
+    scale = (weight.to(acc) * invstd)[None, :, None, None]
+    if training:
+        m = x.numel() // x.shape[1]
+        grad_x = scale * (dz - (grad_bias / m)[None, :, None, None] - xhat * (grad_weight / m)[None, :, None, None])
+    else:
+        grad_x = scale * dz
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), dz.to(x.dtype)
 
-        @torch.library.register_fake(f"{ns}::batch_norm_act_backward_reduce")
-        def _(grad_y, x, output, weight, mean, var, eps, relu, bias=None):
-            c = x.shape[1]
-            return _like(x), x.new_empty((c,), dtype=torch.float64), x.new_empty((c,), dtype=torch.float64)
 
-        @torch.library.register_fake(f"{ns}::batch_norm_act_backward_input")
-        def _(grad_z, x, weight, mean, var, sum_dz, sum_dzxmu, training, eps):
-            c = x.shape[1]
-            return _like(x), weight.new_empty((c,)), weight.new_empty((c,))
+def _relu_mask(x, output, weight, bias, mean, var, eps):
+    """The forward's ReLU mask, a constant: from its output where kept, else from x through the
+    forward's affine (the CPU kernels keep no output where the unit has no residual)."""
+    with torch.no_grad():
+        if output is not None and output.shape == x.shape:
+            return output > 0
+        acc = _acc_dtype(x)
+        scale = weight.to(acc) * torch.rsqrt(var.to(acc) + eps)
+        shift = bias.to(acc) - mean.to(acc) * scale
+        return x.to(acc) * scale[None, :, None, None] + shift[None, :, None, None] > 0
 
-    # (The extension's own op has this autograd in C++, csrc/autograd.cpp, which also lets its CPU
-    # kernel recompute the ReLU mask from x instead of keeping y.)
-    def _setup_context(ctx, inputs, output):
-        x, weight, _bias, _rm, _rv, residual, residual_stride, training, eps, relu = inputs
-        y, mean, var = output
-        ctx.save_for_backward(x, y if relu else None, weight, mean, var)
-        ctx.training, ctx.eps, ctx.relu = training, eps, relu
-        ctx.residual_shape = None if residual is None else tuple(residual.shape)
-        ctx.residual_stride = residual_stride
 
+def _double_backward(ctx, gg_x, gg_weight, gg_bias, gg_z):
+    """The derivative of ``batch_norm_act_backward``: the vector-Jacobian product of
+    :func:`_backward_formula` with the cotangents of its outputs, for the incoming gradient, x and
+    the weight (the bias, the output and the statistics enter only through the ReLU mask, or are
+    recomputed from x). Computed on the saved tensors themselves, so a third derivative goes on
+    through it."""
+    grad_y, x, output, weight, mean, var, bias = ctx.saved_tensors
+    create_graph = torch.is_grad_enabled()  # (create_graph=True of the backward that got here)
+    mask = _relu_mask(x, output, weight, bias, mean, var, ctx.eps) if ctx.relu else None
+    wanted = [i for i, need in zip((0, 1, 2), (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])) if need]
+    with torch.enable_grad():
+        inputs = [grad_y, x, weight]
+        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+        outs = _backward_formula(leaves[0], leaves[1], leaves[2], mask, mean, var, ctx.training, ctx.eps)
+        pairs = [(o, g) for o, g in zip(outs, (gg_x, gg_weight, gg_bias, gg_z)) if g is not None and g.numel() > 0]
+        grads = [None, None, None]
+        if pairs and wanted:
+            got = torch.autograd.grad(
+                [o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
+                allow_unused=True, create_graph=create_graph,
+                # (retained: with the incoming gradient among the inputs, a graph freed here
+                # is still needed by the rest of the outer backward)
+                retain_graph=True,
+            )
+            for i, g in zip(wanted, got):
+                grads[i] = g
+    # Inputs: grad_y, x, output, weight, mean, var, training, eps, relu, residual_grad, bias.
+    return grads[0], grads[1], None, grads[2], None, None, None, None, None, None, None
+
+
+def _setup_double_backward(ctx, inputs, output):
+    grad_y, x, y, weight, mean, var, training, eps, relu, _residual_grad, bias = inputs
+    ctx.save_for_backward(grad_y, x, y, weight, mean, var, bias)
+    ctx.training, ctx.eps, ctx.relu = training, eps, relu
+
+
+def register_double_backward(ns: str) -> None:
+    """``{ns}::batch_norm_act_backward`` is differentiable (:func:`_double_backward`)."""
+    torch.library.register_autograd(
+        f"{ns}::batch_norm_act_backward", _double_backward, setup_context=_setup_double_backward
+    )
+
+
+# -- the Triton namespace: autograd in Python -------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _rm, _rv, residual, residual_stride, training, eps, relu = inputs
+    y, mean, var = output
+    ctx.save_for_backward(x, y if relu else None, weight, mean, var)
+    ctx.training, ctx.eps, ctx.relu = training, eps, relu
+    ctx.residual_shape = None if residual is None else tuple(residual.shape)
+    ctx.residual_stride = residual_stride
+
+
+def _make_backward(ops):
     def _backward(ctx, grad_y, _grad_mean, _grad_var):
         x, y, weight, mean, var = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -140,23 +221,52 @@ def register(ns: str) -> None:
             None,
         )
 
-    if ns != "resnet_fast":  # the extension's op: csrc/autograd.cpp
-        torch.library.register_autograd(f"{ns}::batch_norm_act", _backward, setup_context=_setup_context)
+    return _backward
 
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            "resnet_fast: double backward through batch_norm_act is not supported; run this model with "
-            "resnet_fast.set_backend('eager') to differentiate twice"
-        )
 
-    backward_ops = ["batch_norm_act_backward"]
-    if ns == "resnet_fast":
-        backward_ops += ["batch_norm_act_backward_reduce", "batch_norm_act_backward_input"]
-    for name in backward_ops:
+def register_autograd(ns: str) -> None:
+    """The autograd of ``{ns}::batch_norm_act`` in Python: the rules of csrc/autograd.cpp (which
+    the extension's op uses), with the output kept for the ReLU mask."""
+    torch.library.register_autograd(
+        f"{ns}::batch_norm_act", _make_backward(getattr(torch.ops, ns)), setup_context=_setup_context
+    )
+
+
+# -- the extension only: the CPU's two-op backward and the statistics update ------------------
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "resnet_fast: batch_norm_act_backward_reduce/_input are not differentiable; under create_graph=True the "
+        "backward runs batch_norm_act_backward, which is (this is a bug if you see it)"
+    )
+
+
+def register_extension() -> None:
+    """Fake kernels of the extension's CPU-only ops. The two-op backward runs only when no
+    second derivative is asked for (csrc/autograd.cpp takes batch_norm_act_backward then)."""
+
+    @torch.library.register_fake("resnet_fast::batch_norm_update_stats_")
+    def _(running_mean, running_var, mean, var, momentum, count):
+        return None
+
+    @torch.library.register_fake("resnet_fast::batch_norm_act_backward_reduce")
+    def _(grad_y, x, output, weight, mean, var, eps, relu, bias=None):
+        c = x.shape[1]
+        return _like(x), x.new_empty((c,), dtype=torch.float64), x.new_empty((c,), dtype=torch.float64)
+
+    @torch.library.register_fake("resnet_fast::batch_norm_act_backward_input")
+    def _(grad_z, x, weight, mean, var, sum_dz, sum_dzxmu, training, eps):
+        c = x.shape[1]
+        return _like(x), weight.new_empty((c,)), weight.new_empty((c,))
+
+    for name in ("batch_norm_act_backward_reduce", "batch_norm_act_backward_input"):
         torch.library.register_autograd(
-            f"{ns}::{name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+            f"resnet_fast::{name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
         )
 
 
 if _backend.extension_available():
-    register("resnet_fast")
+    register_fakes("resnet_fast")
+    register_double_backward("resnet_fast")
+    register_extension()

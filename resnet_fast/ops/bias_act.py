@@ -2,9 +2,10 @@
 folded into its weights (used on GPUs, where the convolution is cuDNN's; on the CPU the same
 epilogue runs as oneDNN post-ops of the convolution).
 
-Formula: :func:`resnet_fast.ops.reference.bias_act`. Kernels: ``csrc/cpu/batch_norm_act.cpp``,
-``csrc/cuda/batch_norm_act.cu`` and ``resnet_fast/triton/kernels.py`` (the BN apply loops with a
-scale of 1).
+Formula: :func:`resnet_fast.ops.reference.bias_act`. Kernels: ``csrc/cpu/bias_act.cpp`` (the BN
+apply loops with a scale of 1), ``csrc/cuda/batch_norm_act.cu`` and
+``resnet_fast/triton/batch_norm_act.py`` (the same apply kernels as batch_norm_act's). Autograd in
+Python for every namespace (differentiable PyTorch ops, so double backward works too).
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from .. import _backend
+from .. import _backend, _routing
 from . import reference
 
 
 def bias_act(x: Tensor, bias: Tensor, residual: Tensor | None = None, relu: bool = True, residual_stride: int = 1) -> Tensor:
     """``relu(x + bias[c] + r)``, with ``r`` the residual read as by :func:`batch_norm_act`
     (subsampled by ``residual_stride``, zero-padded to x's channels)."""
-    impl = _backend.resolve("bias_act", x.device)
-    if impl == "eager":
+    impl = _routing.elementwise_impl("bias_act", x)
+    if impl == "eager" or x.dim() != 4:
         if residual is not None and (residual_stride != 1 or residual.shape[1] != x.shape[1]):
             residual = reference.zero_pad_shortcut(residual, x.shape[1], residual_stride)
         return reference.bias_act(x, bias, residual, relu)
@@ -29,7 +30,7 @@ def bias_act(x: Tensor, bias: Tensor, residual: Tensor | None = None, relu: bool
 
 
 def register(ns: str) -> None:
-    """Fake kernel and autograd for ``{ns}::bias_act``."""
+    """Fake kernel and autograd of ``{ns}::bias_act`` (every namespace)."""
     ops = getattr(torch.ops, ns)
 
     @torch.library.register_fake(f"{ns}::bias_act")
@@ -37,14 +38,14 @@ def register(ns: str) -> None:
         torch._check(x.dim() == 4, lambda: f"bias_act: expected a 4-D input, got {x.dim()}-D")
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
 
-    def _setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output):
         _x, bias, residual, residual_stride, relu = inputs
         ctx.save_for_backward(output if relu else None)
         ctx.relu, ctx.bias_dtype = relu, bias.dtype
         ctx.residual_shape = None if residual is None else tuple(residual.shape)
         ctx.residual_stride = residual_stride
 
-    def _backward(ctx, grad):
+    def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         dz = grad * (y > 0) if ctx.relu else grad
         grad_residual = None
@@ -55,8 +56,8 @@ def register(ns: str) -> None:
         grad_bias = dz.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
         return dz, grad_bias, grad_residual, None, None
 
-    torch.library.register_autograd(f"{ns}::bias_act", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(f"{ns}::bias_act", backward, setup_context=setup_context)
 
 
-if _backend.extension_available() and _backend.kernels()["bias_act"]["cpu"]:
+if _backend.extension_available():
     register("resnet_fast")

@@ -2,9 +2,9 @@
 runs max_pool2d_with_indices, writing an int64 index per output value (12.8 MB after ResNet-50's
 stem at batch 8, twice the pooled values themselves) that only a backward pass would read.
 
-Formula: :func:`resnet_fast.ops.reference.max_pool2d`. Kernel: ``csrc/cpu/max_pool2d.cpp``. GPUs
-keep PyTorch's pooling, and so does anything that will be differentiated: there the indices are
-needed.
+Formula: :func:`resnet_fast.ops.reference.max_pool2d`. Kernel: ``csrc/cpu/max_pool2d.cpp``.
+Routing: :func:`resnet_fast._routing.max_pool2d_impl` (GPUs and anything to differentiate keep
+PyTorch's pooling: there the indices are needed).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from .. import _backend
+from .. import _backend, _routing
 from . import reference
 
 
@@ -22,27 +22,19 @@ def _pair(v) -> list[int]:
 
 
 def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
-    """``F.max_pool2d(x, kernel_size, stride, padding)`` (dilation 1, floor mode). The C++ kernel
-    runs for floating-point channels_last CPU inputs that need no gradient; anything else takes
-    PyTorch's."""
+    """``F.max_pool2d(x, kernel_size, stride, padding)`` (dilation 1, floor mode)."""
     kernel_size = _pair(kernel_size)
     stride = kernel_size if stride is None or (not isinstance(stride, int) and len(stride) == 0) else _pair(stride)
     padding = _pair(padding)
-    if (
-        x.dim() != 4
-        or not x.is_floating_point()
-        or (x.requires_grad and torch.is_grad_enabled())
-        or suggest_memory_format(x) != torch.channels_last
-        or _backend.resolve("max_pool2d", x.device) != "cpu"
-    ):
+    if _routing.max_pool2d_impl(x) != "cpu":
         return reference.max_pool2d(x, kernel_size, stride, padding)
     return torch.ops.resnet_fast.max_pool2d(x, kernel_size, stride, padding)
 
 
-def register(ns: str) -> None:
-    """Fake kernel and autograd for ``{ns}::max_pool2d``."""
+def register() -> None:
+    """Fake kernel and autograd of ``resnet_fast::max_pool2d``."""
 
-    @torch.library.register_fake(f"{ns}::max_pool2d")
+    @torch.library.register_fake("resnet_fast::max_pool2d")
     def _(x, kernel_size, stride, padding):
         torch._check(x.dim() == 4, lambda: f"max_pool2d: expected a 4-D (N, C, H, W) input, got {x.dim()}-D")
         n, c, h, w = x.shape
@@ -52,12 +44,12 @@ def register(ns: str) -> None:
 
     # The op is for inference; a gradient, should one be asked for, recomputes the argmax with
     # PyTorch's pooling (the same window maxima) and scatters through it.
-    def _setup_context(ctx, inputs, output):
+    def setup_context(ctx, inputs, output):
         x, kernel_size, stride, padding = inputs
         ctx.save_for_backward(x)
         ctx.window = (list(kernel_size), list(stride), list(padding))
 
-    def _backward(ctx, grad):
+    def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         kernel_size, stride, padding = ctx.window
         _, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel_size, stride, padding)
@@ -66,8 +58,8 @@ def register(ns: str) -> None:
         )
         return grad_x, None, None, None
 
-    torch.library.register_autograd(f"{ns}::max_pool2d", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("resnet_fast::max_pool2d", backward, setup_context=setup_context)
 
 
-if _backend.extension_available() and _backend.kernels()["max_pool2d"]["cpu"]:
-    register("resnet_fast")
+if _backend.extension_available():
+    register()

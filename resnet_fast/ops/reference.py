@@ -84,15 +84,15 @@ def max_pool2d(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
     return F.max_pool2d(x, kernel_size, stride, padding)
 
 
-def conv3x3(x: Tensor, weight: Tensor, stride: int) -> Tensor:
-    """The residual nets' 3x3 convolution: padding 1, no bias.
+def conv3x3_train(x: Tensor, weight: Tensor, stride: int) -> Tensor:
+    """The residual nets' 3x3 convolution (padding 1, no bias), as training runs it.
     ``y[n, k, h, w] = sum_{c, r, s} weight[k, c, r, s] * x[n, c, h*stride + r - 1, w*stride + s - 1]``
     (zero outside the map). x: (N, C, H, W), weight: (K, C, 3, 3) -> (N, K, ceil(H/stride), ceil(W/stride))."""
     return F.conv2d(x, weight, None, stride, 1)
 
 
 def conv3x3_weight_grad(grad_out: Tensor, x: Tensor, stride: int) -> Tensor:
-    """The gradient of :func:`conv3x3` with respect to its weight:
+    """The gradient of :func:`conv3x3_train` with respect to its weight:
     ``dW[k, c, r, s] = sum_{n, h, w} grad_out[n, k, h, w] * x[n, c, h*stride + r - 1, w*stride + s - 1]``.
     grad_out: (N, K, OH, OW), x: (N, C, H, W) -> (K, C, 3, 3)."""
     return torch.nn.grad.conv2d_weight(x, (grad_out.shape[1], x.shape[1], 3, 3), grad_out, stride, 1)
@@ -100,6 +100,6 @@ def conv3x3_weight_grad(grad_out: Tensor, x: Tensor, stride: int) -> Tensor:
 
 def conv3x3_bias_act(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None = None, relu: bool = True) -> Tensor:
     """Inference's 3x3 convolution (stride 1, padding 1) with a BatchNorm folded into ``weight``
-    and ``bias`` (see :func:`bias_act`): ``y = relu(conv3x3(x, weight) + bias[k] + residual)``.
+    and ``bias`` (see :func:`bias_act`): ``y = relu(conv3x3_train(x, weight, 1) + bias[k] + residual)``.
     x: (N, C, H, W), weight: (K, C, 3, 3), bias: (K,), residual: (N, K, H, W)."""
     return bias_act(F.conv2d(x, weight, None, 1, 1), bias, residual, relu)

@@ -106,14 +106,20 @@ def test_matches_an_independent_implementation(backend, residual):
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), ref.eval()(x), rtol=1e-9, atol=1e-12)
 
-    # float32: against the float64 result, at most twice the error of the eager nn modules.
+    # float32: against the float64 result, at most twice the error of the eager nn modules, in
+    # either layout (the fused path runs channels_last, whose oneDNN kernels round differently;
+    # where a pre-activation lies within rounding of zero, its ReLU flips in one run and not in
+    # another, moving a gradient by a whole term: seen on an AVX-512 CPU, eager NCHW 1.9e-6 and
+    # eager channels_last 4.4e-3 on the same input gradient).
     ours32, ref32 = copy.deepcopy(ours).float().train(), copy.deepcopy(ref).float().train()
+    ref_cl = copy.deepcopy(ref).float().train().to(memory_format=torch.channels_last)
     ref.train()
     exact = _grads(ref, x)
     got, eager = _grads(ours32, x.float()), _grads(ref32, x.float())
+    eager_cl = _grads(ref_cl, x.float().contiguous(memory_format=torch.channels_last))
     for k in exact:
         err = (got[k].double() - exact[k]).abs().max().item()
-        eager_err = (eager[k].double() - exact[k]).abs().max().item()
+        eager_err = max((e[k].double() - exact[k]).abs().max().item() for e in (eager, eager_cl))
         assert err <= 2 * eager_err + 1e-6 * exact[k].abs().max().item(), (k, err, eager_err)
 
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import resnet_fast
+from resnet_fast import _backend
 from resnet_fast.nn import bn_act
 from resnet_fast.ops import batch_norm_act, reference
 from tests.conftest import IMPLS, device_of, ops_of, requires_extension
@@ -152,20 +153,66 @@ def test_opcheck(impl, layout):
         torch.library.opcheck(ops.batch_norm_act_backward_input, (dz, x.detach(), w.detach(), mean, var, s1, s2, True, 1e-5))
 
 
-@requires_extension
+def _residual_input(kind, dev):
+    if kind is None:
+        return None, 1
+    if kind == "identity":
+        return torch.randn(2, 3, 3, 2, dtype=torch.float64, device=dev, requires_grad=True), 1
+    return torch.randn(2, 2, 6, 4, dtype=torch.float64, device=dev, requires_grad=True), 2  # option A
+
+
 @pytest.mark.parametrize("residual", [None, "identity", "option_a"])
-def test_double_backward_is_refused_clearly(residual):
-    # (With a residual, the CPU backward runs as two ops: both refuse too.)
-    x = torch.randn(2, 4, 3, 3, requires_grad=True)
-    bn = torch.nn.BatchNorm2d(4)
-    r, stride = None, 1
-    if residual == "identity":
-        r = torch.randn(2, 4, 3, 3, requires_grad=True)
-    elif residual == "option_a":
-        r, stride = torch.randn(2, 2, 6, 6, requires_grad=True), 2
-    (g,) = torch.autograd.grad(bn_act(x, bn, residual=r, residual_stride=stride).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        g.sum().backward()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradgradcheck_float64(impl, residual):
+    """Double backward (gradient penalties, MAML): the second derivatives against finite
+    differences of the first, in train and eval mode, with and without ReLU."""
+    torch.manual_seed(0)
+    op, dev = ops_of(impl).batch_norm_act, device_of(impl)
+    x = torch.randn(2, 3, 3, 2, dtype=torch.float64, device=dev, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64, device=dev) + 0.5).requires_grad_(True)
+    b = torch.randn(3, dtype=torch.float64, device=dev, requires_grad=True)
+    r, stride = _residual_input(residual, dev)
+    rm = torch.randn(3, dtype=torch.float64, device=dev) * 0.1
+    rv = torch.rand(3, dtype=torch.float64, device=dev) + 0.5
+    inputs = (x, w, b) + ((r,) if r is not None else ())
+    for training in (True, False):
+        for relu in (True, False):
+            def fn(x, w, b, *rest):
+                stats = (None, None) if training else (rm, rv)
+                return op(x, w, b, *stats, rest[0] if rest else None, stride, training, 1e-5, relu)[0]
+
+            assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=impl == "triton"), (training, relu)
+
+
+@pytest.mark.skipif(not (_backend.extension_available() and _backend.triton_available()),
+                    reason="needs both the C++ kernels and Triton (its interpreter here)")
+@pytest.mark.parametrize("residual", [None, "identity", "option_a"])
+@pytest.mark.parametrize("training", [True, False])
+def test_cpp_and_python_autograd_agree(residual, training):
+    """The extension's op has its autograd in C++ (csrc/autograd.cpp), the Triton op the same rules
+    in Python (resnet_fast/ops/batch_norm_act.py): the same cases through both, every subset of
+    inputs asking for a gradient, first and second derivatives."""
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 3, 3, 2, dtype=torch.float64)
+    w0, b0 = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    r0, stride = _residual_input(residual, "cpu")
+    rm, rv = torch.randn(3, dtype=torch.float64) * 0.1, torch.rand(3, dtype=torch.float64) + 0.5
+    grad = torch.randn(2, 3, 3, 2, dtype=torch.float64)
+    stats = (None, None) if training else (rm, rv)
+    for need in [(True, True, True, True), (False, True, True, False), (True, False, False, True), (True, True, True, False)]:
+        results = []
+        for ns in (torch.ops.resnet_fast, torch.ops.resnet_fast_triton):
+            x, w, b = (t.detach().clone().requires_grad_(n) for t, n in zip((x0, w0, b0), need))
+            r = None if r0 is None else r0.detach().clone().requires_grad_(need[3])
+            y = ns.batch_norm_act(x, w, b, *stats, r, stride, training, 1e-5, True)[0]
+            wanted = [t for t in (x, w, b, r) if t is not None and t.requires_grad]
+            firsts = torch.autograd.grad(y, wanted, grad, create_graph=True)
+            seconds = torch.autograd.grad(sum(g.square().sum() for g in firsts), wanted, allow_unused=True,
+                                          materialize_grads=True)  # (an unreached input: zeros)
+            results.append([*firsts, *seconds])
+        assert len(results[0]) == len(results[1])
+        for a, c in zip(*results):
+            torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
 
 
 @requires_extension

@@ -1,8 +1,9 @@
 // 3x3 convolution (stride 1, padding 1) by Winograd's minimal filtering F(2x2, 3x3), with a bias,
 // an optional residual and ReLU as its epilogue: the inference op conv3x3_bias_act (formula:
 // resnet_fast.ops.reference.conv3x3_bias_act; the BatchNorm-folded weight transformed once by
-// resnet_fast.ops.winograd_weight and cached), and training's conv3x3 forward and input gradient
-// (conv3x3.cpp; the weight transformed at each call by winograd_weight below).
+// the op winograd_weight below and cached), and training's conv3x3_train forward and input
+// gradient (conv3x3_train.cpp; the weight transformed at each call by the same winograd_weight).
+// Where Winograd runs is decided by the caller (resnet_fast._routing.winograd_applies).
 //
 // Each 2x2 output tile t comes from a 4x4 input tile d: Y = A^T [ (G g G^T) . (B^T d B) ] A,
 // so a convolution becomes, per tile block, an input transform V[xi][t][c] (xi: the 16 positions
@@ -27,12 +28,12 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/conv3x3_winograd.h"
+#include "cpu/winograd.h"
 #include "cpu/isa.h"
 
 namespace resnet_fast {
 
-#define RF_KERNELS "cpu/conv3x3_winograd_kernels.inc"
+#define RF_KERNELS "cpu/winograd_kernels.inc"
 #include "cpu/isa_kernels.h"
 
 namespace {
@@ -150,30 +151,30 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
 }
 
 at::Tensor winograd_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 && weight.is_floating_point(),
+              "winograd_weight: expected a floating-point (K, C, 3, 3) weight, got ", weight.scalar_type(), " ",
+              weight.sizes());
   // The 16 x 9 matrix taking a kernel's 9 taps (3r + s) to its 16 transformed values (4i + j):
-  // G[i][r] * G[j][s], G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1] (exact in binary).
-  static const float G[4][3] = {{1.f, 0.f, 0.f}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0.f, 0.f, 1.f}};
-  std::vector<float> t(16 * 9);
+  // G[i][r] * G[j][s], G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1] (exact in binary). The sums
+  // run in double and round once to float32, so inference's cached transform and training's per-call
+  // one are the same bits.
+  static const double G[4][3] = {{1., 0., 0.}, {.5, .5, .5}, {.5, -.5, .5}, {0., 0., 1.}};
+  std::vector<double> t(16 * 9);
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j)
       for (int r = 0; r < 3; ++r)
         for (int s = 0; s < 3; ++s) t[(4 * i + j) * 9 + 3 * r + s] = G[i][r] * G[j][s];
-  const at::Tensor transform = at::tensor(t, weight.options()).view({16, 9});
+  const auto f64 = weight.options().dtype(at::kDouble);
+  const at::Tensor transform = at::tensor(t, f64).view({16, 9});
   const int64_t K = weight.size(0), C = weight.size(1);
   // (9, C*K): tap-major, then c, then k, so that the product is U's own (16, C, K) layout.
-  const at::Tensor taps = weight.permute({2, 3, 1, 0}).reshape({9, C * K});
-  return at::matmul(transform, taps).view({16, C, K});
-}
-
-bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
-  const int64_t C = weight.size(1), K = weight.size(0);
-  return stride == 1 && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && x.dim() == 4 &&
-         x.size(1) == C && weight.size(2) == 3 && weight.size(3) == 3 && C >= 64 && K >= 64 && C % 8 == 0 &&
-         K % 8 == 0 && C * K <= 256 * 256;
+  const at::Tensor taps = weight.to(at::kDouble).permute({2, 3, 1, 0}).reshape({9, C * K});
+  return at::matmul(transform, taps).view({16, C, K}).to(at::kFloat);
 }
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("conv3x3_bias_act", &winograd_conv3x3);
+  m.impl("winograd_weight", &winograd_weight);
 }
 
 }  // namespace resnet_fast

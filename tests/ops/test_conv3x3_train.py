@@ -1,5 +1,6 @@
-"""conv3x3 (the residual nets' 3x3 convolution for training, with our CPU weight gradient) against
-its formulas: reference.conv3x3 and reference.conv3x3_weight_grad, computed in float64."""
+"""conv3x3_train (the residual nets' 3x3 convolution for training: Winograd's forward and input
+gradient, our CPU weight gradient) against its formulas, reference.conv3x3_train and
+reference.conv3x3_weight_grad, computed in float64; and its routing (resnet_fast._routing)."""
 
 import pytest
 import torch
@@ -8,13 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import resnet_fast
-from resnet_fast.ops import conv3x3, reference
+from resnet_fast import _routing
+from resnet_fast.ops import conv3x3_train, reference
 from tests.conftest import make_input, op_names, requires_extension
 
 pytestmark = requires_extension
 
-# (N, C, H, W, K, stride). Our kernel covers float32, C % 8 == 0, C <= 128, K % 4 == 0; the rest
-# is ATen's weight gradient, which the op must return just the same.
+# (N, C, H, W, K, stride). Our kernel takes float32, C % 8 == 0, K % 4 == 0 (the routing also stops
+# it at C <= 128); the rest is ATen's weight gradient, which the op must return just the same.
 SHAPES = [
     (4, 16, 32, 32, 16, 1),  # ResNet-20's first stage
     (4, 16, 32, 32, 32, 2),  # its first downsampling
@@ -23,8 +25,8 @@ SHAPES = [
     (2, 24, 7, 5, 12, 2),  # 3*C = 72 columns: three tiles of 24; odd sizes, stride 2
     (2, 8, 1, 1, 4, 1),  # 1x1 map: a row's first pixel is also its last
     (2, 8, 2, 3, 4, 2),  # 1x2 output after stride 2
-    (2, 128, 5, 5, 8, 1),  # the widest input ours takes
-    (2, 136, 5, 5, 8, 1),  # wider: ATen's
+    (2, 128, 5, 5, 8, 1),  # the widest input the routing gives ours
+    (2, 136, 5, 5, 8, 1),  # wider (the kernel takes it; the routing does not)
     (2, 12, 6, 6, 8, 1),  # C % 8 != 0: ATen's
     (2, 16, 6, 6, 6, 2),  # K % 4 != 0: ATen's
 ]
@@ -45,29 +47,37 @@ def assert_weight_grad_close(got, grad_out, x, stride, dtype=torch.float32):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol)
 
 
+def kernel_takes(c, k):
+    return c % 8 == 0 and k % 4 == 0
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "noncontiguous"])
-def test_weight_grad_matches_formula(shape, layout):
+@pytest.mark.parametrize("kernel", [True, False], ids=["ours", "aten"])
+def test_weight_grad_matches_formula(shape, layout, kernel):
     n, c, h, w, k, stride = shape
+    if kernel and not kernel_takes(c, k):
+        pytest.skip("our kernel takes C % 8 == 0 and K % 4 == 0 (test_bad_input_is_refused_clearly)")
     x = make_input((n, c, h, w), torch.float32, layout)
     oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
     grad_out = make_input((n, k, oh, ow), torch.float32, layout)
-    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, stride)
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, stride, kernel)
     assert_weight_grad_close(got, grad_out, x, stride)
 
 
 def test_empty_batch_gives_zero_weight_grad():
     x = torch.randn(0, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn(0, 8, 6, 6).contiguous(memory_format=torch.channels_last)
-    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1)
-    assert got.shape == (8, 16, 3, 3) and torch.equal(got, torch.zeros_like(got))
+    for kernel in (True, False):
+        got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, kernel)
+        assert got.shape == (8, 16, 3, 3) and torch.equal(got, torch.zeros_like(got))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_other_dtypes_take_atens_weight_grad(dtype):
     x = make_input((2, 16, 6, 6), dtype, "channels_last")
     grad_out = make_input((2, 8, 6, 6), dtype, "channels_last")
-    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1)
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False)
     expected = torch.ops.aten.convolution_backward(
         grad_out, x, torch.zeros(8, 16, 3, 3, dtype=dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
         [False, True, False],
@@ -87,7 +97,7 @@ def test_nothing_outside_the_input_is_read():
     assert x.is_contiguous(memory_format=torch.channels_last) and x.storage_offset() > 0
     for stride in (1, 2):
         g = grad_out if stride == 1 else grad_out[:, :, :3, :3].contiguous(memory_format=torch.channels_last)
-        got = torch.ops.resnet_fast.conv3x3_weight_grad(g, x, stride)
+        got = torch.ops.resnet_fast.conv3x3_weight_grad(g, x, stride, True)
         assert not got.isnan().any()
         assert_weight_grad_close(got, g, x, stride)
 
@@ -96,7 +106,7 @@ def test_infinities_propagate_like_pytorch():
     x = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
     x[0, 3, 0, 0] = float("inf")  # a corner: only some taps see it
     grad_out = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
-    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1)
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, True)
     expected = reference.conv3x3_weight_grad(grad_out, x, 1)
     assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.isinf(), expected.isinf())
     assert got.isinf().any()
@@ -114,27 +124,44 @@ def test_infinities_propagate_like_pytorch():
 )
 def test_bad_input_is_refused_clearly(args, message):
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.resnet_fast.conv3x3_weight_grad(*args)
+        torch.ops.resnet_fast.conv3x3_weight_grad(*args, False)
 
 
-def test_forward_refuses_a_weight_that_is_not_3x3():
+@pytest.mark.skipif(_routing.CPU_CAPABILITY == "DEFAULT", reason="our kernel needs AVX2; without it the op takes ATen's")
+def test_a_kernel_request_it_cannot_carry_out_is_refused():
+    x, g = torch.randn(2, 12, 4, 4), torch.randn(2, 8, 4, 4)
+    with pytest.raises(RuntimeError, match="input channels a multiple of 8.*pass kernel=False"):
+        torch.ops.resnet_fast.conv3x3_weight_grad(g, x, 1, True)
+    with pytest.raises(RuntimeError, match="takes float32"):
+        torch.ops.resnet_fast.conv3x3_weight_grad(g.double(), torch.randn(2, 16, 4, 4).double(), 1, True)
+
+
+def test_forward_refuses_what_it_cannot_run():
     with pytest.raises(RuntimeError, match=r"expected a \(K, C, 3, 3\) weight"):
-        torch.ops.resnet_fast.conv3x3(torch.randn(1, 4, 5, 5), torch.randn(8, 4, 1, 1), 1)
+        torch.ops.resnet_fast.conv3x3_train(torch.randn(1, 4, 5, 5), torch.randn(8, 4, 1, 1), 1, False, False)
+    with pytest.raises(RuntimeError, match="Winograd F\\(2x2, 3x3\\) runs stride 1 only"):
+        torch.ops.resnet_fast.conv3x3_train(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3), 2, True, False)
+
+
+PLANS = [(False, False), (False, True), (True, False), (True, True)]  # (winograd, weight_grad_kernel)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("input_grad", [True, False])  # False: the stem, whose input is the batch
-@pytest.mark.parametrize("channels", [(16, 32), (64, 72)])  # (64, 72) at stride 1: Winograd's forward and input gradient
-def test_autograd_matches_pytorch(stride, layout, input_grad, channels):
+@pytest.mark.parametrize("channels", [(16, 32), (64, 72)])
+@pytest.mark.parametrize("plan", PLANS, ids=["aten", "our-wgrad", "winograd", "winograd+our-wgrad"])
+def test_autograd_matches_pytorch(stride, layout, input_grad, channels, plan):
     c, k = channels
+    if plan[0] and stride != 1:
+        pytest.skip("Winograd runs stride 1 only")
     x = make_input((4, c, 10, 9), torch.float32, layout, requires_grad=input_grad)
     w = make_input((k, c, 3, 3), torch.float32, layout, requires_grad=True)
-    y = torch.ops.resnet_fast.conv3x3(x, w, stride)
+    y = torch.ops.resnet_fast.conv3x3_train(x, w, stride, *plan)
     grad = torch.randn_like(y)
     y.backward(grad)
     x_ref, w_ref = x.detach().double().requires_grad_(input_grad), w.detach().double().requires_grad_(True)
-    y_ref = reference.conv3x3(x_ref, w_ref, stride)
+    y_ref = reference.conv3x3_train(x_ref, w_ref, stride)
     y_ref.backward(grad.double())
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(w.grad.double(), w_ref.grad, rtol=1e-5, atol=1e-3)
@@ -145,22 +172,41 @@ def test_autograd_matches_pytorch(stride, layout, input_grad, channels):
         assert x.grad is None
 
 
-def test_wide_stride1_maps_run_winograd_in_training():
+def test_the_op_runs_the_plan_it_is_given():
     x = torch.randn(2, 64, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     w = torch.randn(64, 64, 3, 3, requires_grad=True)
-    names = set(op_names(lambda: torch.ops.resnet_fast.conv3x3(x, w, 1).sum().backward()))
+    names = set(op_names(lambda: torch.ops.resnet_fast.conv3x3_train(x, w, 1, True, True).sum().backward()))
     assert "aten::bmm" in names and "aten::convolution" not in names and "aten::convolution_backward" not in names
-    # 512 x 512 channels: oneDNN's (the per-call weight transform would cost more memory than eager).
-    x = torch.randn(2, 512, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    w = torch.randn(512, 512, 3, 3, requires_grad=True)
-    assert "aten::bmm" not in op_names(lambda: torch.ops.resnet_fast.conv3x3(x, w, 1).sum().backward())
+    names = set(op_names(lambda: torch.ops.resnet_fast.conv3x3_train(x, w, 1, False, False).sum().backward()))
+    assert "aten::bmm" not in names and "aten::convolution" in names
+
+
+@pytest.mark.parametrize("avx512", [False, True], ids=["AVX2 CPU", "AVX-512 CPU"])
+def test_training_plans(monkeypatch, avx512):
+    """The routing's rules (resnet_fast._routing): Winograd on wide stride-1 maps (on AVX-512 CPUs
+    only from 14x14 maps: oneDNN's AVX-512 convolutions are faster on smaller ones), never past
+    256 x 256 channels in training; our weight gradient on AVX2-only CPUs, up to 128 input channels."""
+    monkeypatch.setattr(_routing, "_AVX512", avx512)
+
+    def plan(n, c, h, k, stride=1):
+        x = torch.randn(n, c, h, h)
+        return _routing.conv3x3_train_plan(x, torch.randn(k, c, 3, 3, requires_grad=True), stride)
+
+    assert plan(2, 64, 56, 64) == (True, not avx512)
+    assert plan(2, 256, 14, 256) == (True, False)
+    assert plan(2, 64, 8, 64) == (None if avx512 else (True, True))
+    assert plan(2, 512, 7, 512) is None  # 512 x 512: the per-call transform's memory; 512 > 128 for ours
+    assert plan(2, 16, 32, 16) == (None if avx512 else (False, True))
+    assert plan(2, 16, 32, 32, stride=2) == (None if avx512 else (False, True))
+    with torch.no_grad():
+        assert plan(2, 64, 56, 64) is None  # nothing to differentiate: PyTorch's convolution
 
 
 def test_gradcheck():
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     for stride in (1, 2):
-        assert torch.autograd.gradcheck(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, stride), (x, w))
+        assert torch.autograd.gradcheck(lambda a, b: torch.ops.resnet_fast.conv3x3_train(a, b, stride, False, False), (x, w))
 
 
 def test_gradgradcheck():
@@ -168,12 +214,14 @@ def test_gradgradcheck():
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     for stride in (1, 2):
-        assert torch.autograd.gradgradcheck(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, stride), (x, w))
+        assert torch.autograd.gradgradcheck(
+            lambda a, b: torch.ops.resnet_fast.conv3x3_train(a, b, stride, False, False), (x, w)
+        )
 
 
-@pytest.mark.parametrize("c", [8, 64])  # 64: Winograd runs the forward and the input gradient
-def test_double_backward_matches_pytorch_in_float32(c):
-    # float32 with C % 8 == 0: our kernel computes the first weight gradient.
+@pytest.mark.parametrize("c", [8, 64])
+@pytest.mark.parametrize("plan", PLANS, ids=["aten", "our-wgrad", "winograd", "winograd+our-wgrad"])
+def test_double_backward_matches_pytorch_in_float32(c, plan):
     def penalty(conv, x, w):
         (gw,) = torch.autograd.grad(conv(x, w).square().sum(), w, create_graph=True)
         gw.square().sum().backward()
@@ -181,9 +229,9 @@ def test_double_backward_matches_pytorch_in_float32(c):
 
     x = make_input((2, c, 6, 6), torch.float32, "channels_last", requires_grad=True)
     w = torch.randn(c, c, 3, 3, requires_grad=True)
-    ours = penalty(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, 1), x, w)
+    ours = penalty(lambda a, b: torch.ops.resnet_fast.conv3x3_train(a, b, 1, *plan), x, w)
     x_ref, w_ref = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
-    expected = penalty(lambda a, b: reference.conv3x3(a, b, 1), x_ref, w_ref)
+    expected = penalty(lambda a, b: reference.conv3x3_train(a, b, 1), x_ref, w_ref)
     for got, exp in zip(ours, expected):
         torch.testing.assert_close(got.double(), exp, rtol=1e-4, atol=1e-5 * exp.abs().max().item())
 
@@ -192,46 +240,54 @@ def test_double_backward_matches_pytorch_in_float32(c):
 def test_opcheck(layout):
     x = make_input((2, 8, 6, 5), torch.float32, layout, requires_grad=True)
     w = make_input((4, 8, 3, 3), torch.float32, layout, requires_grad=True)
-    torch.library.opcheck(torch.ops.resnet_fast.conv3x3, (x, w, 2))
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_train, (x, w, 2, False, True))
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_train, (x, w, 1, True, False))
     g = make_input((2, 4, 6, 5), torch.float32, layout)
-    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x.detach(), 1))
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x.detach(), 1, True))
 
 
 def _ran_our_op(fn) -> bool:
-    return "resnet_fast::conv3x3" in op_names(fn)
+    return "resnet_fast::conv3x3_train" in op_names(fn)
 
 
-def test_routing():
+def test_routing(monkeypatch):
+    monkeypatch.setattr(_routing, "_AVX512", False)  # (on an AVX-512 CPU no plan uses our op at 16 channels)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     w = torch.randn(16, 16, 3, 3, requires_grad=True)
-    assert _ran_our_op(lambda: conv3x3(x, w, 1))
+    assert _ran_our_op(lambda: conv3x3_train(x, w, 1))
     with torch.no_grad():  # nothing to differentiate: PyTorch's convolution
-        assert not _ran_our_op(lambda: conv3x3(x, w, 1))
-    assert not _ran_our_op(lambda: conv3x3(x, w.detach(), 1))
-    assert not _ran_our_op(lambda: conv3x3(x.double(), w.double(), 1))
+        assert not _ran_our_op(lambda: conv3x3_train(x, w, 1))
+    assert not _ran_our_op(lambda: conv3x3_train(x, w.detach(), 1))
+    assert not _ran_our_op(lambda: conv3x3_train(x.double(), w.double(), 1))
     with resnet_fast.use_backend("eager"):
-        assert not _ran_our_op(lambda: conv3x3(x, w, 1))
-    torch.testing.assert_close(conv3x3(x, w, 2), F.conv2d(x, w, None, 2, 1), rtol=0, atol=0)
+        assert not _ran_our_op(lambda: conv3x3_train(x, w, 1))
+    torch.testing.assert_close(conv3x3_train(x, w, 2), F.conv2d(x, w, None, 2, 1), rtol=0, atol=0)
 
 
-def test_models_route_their_3x3_convolutions_here_in_training():
+@pytest.mark.parametrize("avx512", [False, True], ids=["AVX2 CPU", "AVX-512 CPU"])
+def test_models_route_their_3x3_convolutions_as_planned(monkeypatch, avx512):
+    monkeypatch.setattr(_routing, "_AVX512", avx512)
     model = resnet_fast.get_model("resnet20")
     x = torch.randn(4, 3, 32, 32)
     names = op_names(lambda: model(x).sum().backward())
-    # Every convolution of ResNet-20 forward, and again for the input gradient of the 16 at stride 1
-    # whose input needs one (not the stem's: the batch).
-    assert names.count("resnet_fast::conv3x3") == 19 + 16
-    assert names.count("resnet_fast::conv3x3_weight_grad") == 19
+    if avx512:  # no plan pays at ResNet-20's sizes: PyTorch's convolutions
+        assert names.count("resnet_fast::conv3x3_train") == 0
+    else:
+        # Every 3x3 convolution after the stem (whose 3 input channels our weight gradient does not
+        # take: no plan, PyTorch's convolution) forward, and again for the input gradient of the 16
+        # at stride 1.
+        assert names.count("resnet_fast::conv3x3_train") == 18 + 16
+        assert names.count("resnet_fast::conv3x3_weight_grad") == 18
 
 
 def test_under_torch_compile():
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     w = torch.randn(16, 16, 3, 3, requires_grad=True)
     torch._dynamo.reset()
-    f = torch.compile(lambda a, b: torch.ops.resnet_fast.conv3x3(a, b, 1).square().sum(), fullgraph=True)
+    f = torch.compile(lambda a, b: torch.ops.resnet_fast.conv3x3_train(a, b, 1, False, True).square().sum(), fullgraph=True)
     f(x, w).backward()
     x_ref, w_ref = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
-    reference.conv3x3(x_ref, w_ref, 1).square().sum().backward()
+    reference.conv3x3_train(x_ref, w_ref, 1).square().sum().backward()
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-3)
 
@@ -245,4 +301,4 @@ def test_random_shapes_match_float64(n, c8, k4, h, w, stride, channels_last):
     layout = "channels_last" if channels_last else "contiguous"
     x = make_input((n, 8 * c8, h, w), torch.float32, layout)
     grad_out = make_input((n, 4 * k4, (h - 1) // stride + 1, (w - 1) // stride + 1), torch.float32, layout)
-    assert_weight_grad_close(torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, stride), grad_out, x, stride)
+    assert_weight_grad_close(torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, stride, True), grad_out, x, stride)

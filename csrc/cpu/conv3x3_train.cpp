@@ -1,9 +1,9 @@
-// The 3x3 convolution of the residual nets (padding 1, no bias, stride 1 or 2) in training: the
-// forward and the input gradient are ATen's (oneDNN runs them at 170-200 GFLOP/s here), except
-// on wide stride-1 maps (64 to 256 channels in and out), where Winograd F(2x2, 3x3) runs both
-// (conv3x3_winograd.cpp; the input gradient is the convolution with the flipped, transposed
-// weight); the weight gradient is our AVX2 kernel below where it is faster than oneDNN's (which
-// ran ResNet-20's at 125-140 GFLOP/s, about two thirds of this CPU's peak).
+// conv3x3_train, the 3x3 convolution of the residual nets (padding 1, no bias, stride 1 or 2) in
+// training, as the caller's plan says (resnet_fast._routing.conv3x3_train_plan): the forward and
+// the input gradient ATen's (oneDNN runs them at 170-200 GFLOP/s here) or, on wide stride-1 maps,
+// Winograd F(2x2, 3x3)'s (winograd.cpp; the input gradient is the convolution with the flipped,
+// transposed weight, csrc/autograd.cpp); the weight gradient our AVX2 kernel below (oneDNN ran
+// ResNet-20's at 125-140 GFLOP/s, about two thirds of this CPU's peak) or ATen's.
 // Formula: resnet_fast.ops.reference.conv3x3_weight_grad.
 //
 //   dW[k, c, r, s] = sum over n, h, w of dy[n, k, h, w] * x[n, c, h*stride + r - 1, w*stride + s - 1]
@@ -31,7 +31,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/conv3x3_winograd.h"
+#include "cpu/winograd.h"
 #include "cpu/isa.h"
 
 #ifdef RESNET_FAST_AVX2
@@ -171,16 +171,16 @@ void weight_grad_avx2(const float* dy, const float* x, const Geometry& g, float*
 
 int64_t conv_out_size(int64_t in, int64_t stride) { return (in - 1) / stride + 1; }  // 3x3, padding 1
 
-// Our kernel covers float32 with C % 8 == 0 (a vector of 8 lies within one tap), K % 4 == 0 (the
-// tile's 4 output channels) and C <= 128: beyond, the tiles sweep too few pixels per load of their
-// accumulators and oneDNN's is faster (ResNet-50's 256- and 512-channel 3x3s: 56-95 against
-// 106-125 GFLOP/s).
-bool ours_applies(const at::Tensor& grad_out, const at::Tensor& x) {
+// What our kernel can do: float32 with C % 8 == 0 (a vector of 8 lies within one tap) and K % 4 ==
+// 0 (the tile's 4 output channels), on a CPU with AVX2 and FMA. Where it runs is the caller's
+// choice (resnet_fast._routing.weight_grad_kernel_applies, which also stops at 128 input channels,
+// beyond which oneDNN's is faster); a CPU without AVX2 hands the request to ATen's.
+bool kernel_can_run(const at::Tensor& grad_out, const at::Tensor& x) {
   return use_avx2() && x.scalar_type() == at::kFloat && grad_out.scalar_type() == at::kFloat && x.size(1) % 8 == 0 &&
-         x.size(1) <= 128 && grad_out.size(1) % 4 == 0;
+         grad_out.size(1) % 4 == 0;
 }
 
-at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x, int64_t stride) {
+at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x, int64_t stride, bool kernel) {
   TORCH_CHECK(x.dim() == 4 && grad_out.dim() == 4, "conv3x3_weight_grad: expected 4-D (N, C, H, W) tensors, got x of ",
               x.dim(), "-D and grad_out of ", grad_out.dim(), "-D");
   TORCH_CHECK(stride == 1 || stride == 2, "conv3x3_weight_grad: expected stride 1 or 2, got ", stride);
@@ -194,7 +194,10 @@ at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor&
               conv_out_size(W, stride), "))");
   const auto cl = at::MemoryFormat::ChannelsLast;
 #ifdef RESNET_FAST_AVX2
-  if (ours_applies(grad_out, x) && N > 0 && H > 0 && W > 0) {
+  TORCH_CHECK(!kernel || !use_avx2() || kernel_can_run(grad_out, x),
+              "conv3x3_weight_grad: our kernel takes float32 with input channels a multiple of 8 and output channels a "
+              "multiple of 4, got ", x.scalar_type(), " with ", C, " and ", K, " (pass kernel=False for ATen's)");
+  if (kernel && kernel_can_run(grad_out, x) && N > 0 && H > 0 && W > 0) {
     const at::Tensor xc = x.contiguous(cl), gc = grad_out.contiguous(cl);
     at::Tensor out = at::empty({K, C, 3, 3}, x.options().memory_format(cl));
     const Geometry g{N, C, H, W, K, gc.size(2), gc.size(3), stride};
@@ -209,19 +212,22 @@ at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor&
   return std::get<1>(grads).contiguous(cl);
 }
 
-at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
+at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd,
+                             bool /*weight_grad_kernel: the backward's (csrc/autograd.cpp)*/) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
-              "conv3x3: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
-  TORCH_CHECK(stride == 1 || stride == 2, "conv3x3: expected stride 1 or 2, got ", stride);
-  if (winograd_applies(x, weight, stride))  // wide stride-1 maps: Winograd (the weight transformed per call)
+              "conv3x3_train: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
+  TORCH_CHECK(stride == 1 || stride == 2, "conv3x3_train: expected stride 1 or 2, got ", stride);
+  if (winograd) {  // the weight transformed at each call: it changes at every step
+    TORCH_CHECK(stride == 1, "conv3x3_train: Winograd F(2x2, 3x3) runs stride 1 only, got stride ", stride);
     return winograd_conv3x3(x, winograd_weight(weight), at::zeros({weight.size(0)}, x.options()), std::nullopt, false);
+  }
   return at::convolution(x, weight, std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false, {0, 0}, 1);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
-  m.impl("conv3x3", &conv3x3_cpu);
+  m.impl("conv3x3_train", &conv3x3_train_cpu);
   m.impl("conv3x3_weight_grad", &conv3x3_weight_grad_cpu);
 }
 

@@ -1,20 +1,12 @@
-"""Triton kernels of the fused ops, and their launchers.
+"""Triton kernels of batch_norm_act (and of bias_act, which runs the same apply kernel with a
+scale of 1), and their launchers: the forward's statistics, their merge and the apply; the
+backward's reduction, its merge and the apply.
 
-Every kernel sees a 4-D tensor (N, C, H, W) through its four strides, so NCHW, channels_last and
-any other layout run without a copy. A program owns a tile of BLOCK_M rows (the N*H*W positions)
-by BLOCK_C channels; reductions over the rows (the batch statistics, the weight and bias
-gradients) write one partial per program row-range into a buffer that a second kernel combines
-in a fixed order: deterministic, no atomics. Arithmetic in float32 (float64 for float64 inputs).
-
-Formulas: :mod:`resnet_fast.ops.reference` (and csrc/common/batch_norm_act.h, the same math for
-the C++ kernels). With ``TRITON_INTERPRET=1`` set before this module is imported, the kernels run
-on CPU tensors (that is how they are tested without a GPU), with fixed block sizes instead of
-autotuning.
+Formula: :func:`resnet_fast.ops.reference.batch_norm_act` (csrc/common/batch_norm_act.h has the same
+math for the C++ kernels). The ops that call the launchers are defined in resnet_fast/triton/__init__.py.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -22,109 +14,23 @@ import triton.language as tl
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-# Rows per program of a reduction are a multiple of the largest BLOCK_M, so that the number of
-# partials does not depend on the configuration autotuning picks.
-MAX_BLOCK_M = 256
-TARGET_PARTIALS = 512
-
-
-def _configs() -> list[triton.Config]:
-    shapes = [(256, 4), (128, 8), (64, 16), (32, 32), (16, 64), (8, 128), (64, 32), (32, 64)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w) for m, c in shapes for w in (4, 8)]
-
-
-def _tuned(fn, key):
-    """Autotuned on a GPU; fixed blocks under the interpreter (the launcher passes them)."""
-    if INTERPRET:
-        return fn
-    return triton.autotune(configs=_configs(), key=key)(fn)
-
-
-def _interpret_blocks(x: Tensor) -> dict:
-    if not INTERPRET:
-        return {}
-    # Large tiles: the interpreter's cost is per program.
-    return {"BLOCK_M": 64, "BLOCK_C": 32} if _is_cl(x) else {"BLOCK_M": 256, "BLOCK_C": 8}
-
-
-# ------------------------------------------------------------------------------------------
-# Shared pieces
-# ------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _rows(start, M, HW, W, BLOCK_M: tl.constexpr):
-    m = start + tl.arange(0, BLOCK_M).to(tl.int64)
-    n = m // HW
-    hw = m - n * HW
-    h = hw // W
-    return m, n, h, hw - h * W
-
-
-@triton.jit
-def _offsets(n, h, w, c, sN, sC, sH, sW):
-    return (n * sN + h * sH + w * sW)[:, None] + (c * sC)[None, :]
-
-
-@triton.jit
-def _masked_grad(g_ptr, y_ptr, off, mask, RELU: tl.constexpr, acc_t: tl.constexpr):
-    """The gradient at g_ptr, through ReLU's mask (the output y > 0) when RELU."""
-    dz = tl.load(g_ptr + off, mask=mask, other=0.0).to(acc_t)
-    if RELU:
-        y = tl.load(y_ptr + off, mask=mask, other=0.0).to(acc_t)
-        dz = tl.where(y > 0.0, dz, 0.0)
-    return dz
-
-
-@triton.jit
-def _chan_merge(count, mean, m2, nb, mb, m2b):
-    """Chan's merge of (count, mean, m2) with another set's (nb, mb, m2b)."""
-    total = count + nb
-    delta = mb - mean
-    return total, mean + delta * (nb / total), m2 + m2b + delta * delta * (count * nb / total)
-
-
-@triton.jit
-def _store_scale_shift(scale_ptr, shift_ptr, w_ptr, b_ptr, mean, var, c, cmask, eps, acc_t: tl.constexpr):
-    """scale = weight / sqrt(var + eps), shift = bias - mean * scale."""
-    weight = tl.load(w_ptr + c, mask=cmask, other=1.0).to(acc_t)
-    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(acc_t)
-    scale = weight / tl.sqrt(var + eps)
-    tl.store(scale_ptr + c, scale, mask=cmask)
-    tl.store(shift_ptr + c, bias - mean * scale, mask=cmask)
-
-
-@triton.jit
-def _tile_offsets(m, c, C, HW, W, sN, sC, sH, sW, IS_CL: tl.constexpr):
-    """Offsets of rows m, channels c. A dense channels_last tensor needs no division: m * C + c."""
-    if IS_CL:
-        return (m * C)[:, None] + c[None, :]
-    n = m // HW
-    hw = m - n * HW
-    h = hw // W
-    return _offsets(n, h, hw - h * W, c, sN, sC, sH, sW)
-
-
-@triton.jit
-def _residual_rows(r_ptr, m, c, mask, C, HW, W, Cr, rsN, rsC, rsH, rsW, RS, R_DENSE: tl.constexpr):
-    """The residual at rows m, channels c: read like the output when it is a dense
-    channels_last tensor of the output's shape, else through its strides (option A too)."""
-    if R_DENSE:
-        return tl.load(r_ptr + (m * C)[:, None] + c[None, :], mask=mask, other=0.0)
-    n = m // HW
-    hw = m - n * HW
-    h = hw // W
-    return _residual(r_ptr, n, h, hw - h * W, c, mask, Cr, rsN, rsC, rsH, rsW, RS)
-
-
-@triton.jit
-def _residual(r_ptr, n, h, w, c, mask, Cr, rsN, rsC, rsH, rsW, RS):
-    """r[n, c, h * RS, w * RS] for c < Cr, 0 beyond: identity, projection or option A in place."""
-    off = (n * rsN + (h * RS) * rsH + (w * RS) * rsW)[:, None] + (c * rsC)[None, :]
-    return tl.load(r_ptr + off, mask=mask & (c < Cr)[None, :], other=0.0)
-
+from ._common import (
+    FINALIZE_BLOCK_C,
+    _acc_dtype,
+    _chan_merge,
+    _grid2,
+    _interpret_blocks,
+    _is_cl,
+    _like,
+    _masked_grad,
+    _r_dense,
+    _reduction_rows,
+    _residual_args,
+    _residual_rows,
+    _store_scale_shift,
+    _tile_offsets,
+    _tuned,
+)
 
 # ------------------------------------------------------------------------------------------
 # Forward: statistics, then normalise (+ residual) (+ ReLU)
@@ -315,83 +221,15 @@ def _backward_apply_kernel(
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-# ------------------------------------------------------------------------------------------
-# Option-A shortcut
-# ------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _zero_pad_kernel(
-    x_ptr, out_ptr, M, C, HW, W, Cin, sN, sC, sH, sW, osN, osC, osH, osW, S,
-    IS_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """out[n, c, h, w] = x[n, c, h * S, w * S] for c < Cin, else 0 (M, C, HW, W: the output's)."""
-    m, n, h, w = _rows(tl.program_id(0).to(tl.int64) * BLOCK_M, M, HW, W, BLOCK_M)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    mask = (m < M)[:, None] & (c < C)[None, :]
-    v = _residual(x_ptr, n, h, w, c, mask, Cin, sN, sC, sH, sW, S)
-    tl.store(out_ptr + _offsets(n, h, w, c, osN, osC, osH, osW), v, mask=mask)
-
-
-@triton.jit
-def _zero_pad_backward_kernel(
-    g_ptr, dx_ptr, M, C, HW, W, gsN, gsC, gsH, gsW, dsN, dsC, dsH, dsW, S,
-    IS_CL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """dx[n, c, h, w] = g[n, c, h / S, w / S] where S divides h and w, else 0 (M, C, HW, W: dx's)."""
-    m, n, h, w = _rows(tl.program_id(0).to(tl.int64) * BLOCK_M, M, HW, W, BLOCK_M)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    mask = (m < M)[:, None] & (c < C)[None, :]
-    hit = ((h % S) == 0) & ((w % S) == 0)
-    off = (n * gsN + (h // S) * gsH + (w // S) * gsW)[:, None] + (c * gsC)[None, :]
-    v = tl.load(g_ptr + off, mask=mask & hit[:, None], other=0.0)
-    tl.store(dx_ptr + _offsets(n, h, w, c, dsN, dsC, dsH, dsW), v, mask=mask)
-
-
 _stats = _tuned(_stats_kernel, ["M", "C", "IS_CL"])
 _apply = _tuned(_apply_kernel, ["M", "C", "IS_CL", "HAS_RESIDUAL", "R_DENSE"])
 _backward_reduce = _tuned(_backward_reduce_kernel, ["M", "C", "IS_CL", "WRITE_DZ"])
 _backward_apply = _tuned(_backward_apply_kernel, ["M", "C", "IS_CL"])
-_zero_pad = _tuned(_zero_pad_kernel, ["M", "C", "IS_CL"])
-_zero_pad_backward = _tuned(_zero_pad_backward_kernel, ["M", "C", "IS_CL"])
-FINALIZE_BLOCK_C = 64
 
 
 # ------------------------------------------------------------------------------------------
-# Launchers (called by the ops in resnet_fast/triton/ops.py)
+# Launchers
 # ------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _like(x: Tensor) -> Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
-
-
-def _is_cl(t: Tensor) -> bool:
-    """Dense channels_last: element (m, c) of the (N*H*W, C) view sits at m * C + c."""
-    return t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _r_dense(residual: Tensor | None, x: Tensor, stride: int) -> bool:
-    return residual is not None and stride == 1 and residual.shape == x.shape and _is_cl(residual) and _is_cl(x)
-
-
-def _grid2(M: int, C: int):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
-
-
-def _reduction_rows(M: int) -> int:
-    rows = triton.cdiv(M, TARGET_PARTIALS)
-    return max(MAX_BLOCK_M, triton.cdiv(rows, MAX_BLOCK_M) * MAX_BLOCK_M)
-
-
-def _residual_args(residual: Tensor | None, x: Tensor, stride: int) -> tuple:
-    if residual is None:
-        return (x, 0, 0, 0, 0, 0, 1)
-    return (residual, residual.shape[1], *residual.stride(), stride)
 
 
 def batch_norm_act(
@@ -455,8 +293,9 @@ def bias_act(x: Tensor, bias: Tensor, residual: Tensor | None, residual_stride: 
 
 def batch_norm_act_backward(
     grad_y: Tensor, x: Tensor, output: Tensor | None, weight: Tensor, mean: Tensor, var: Tensor,
-    training: bool, eps: float, relu: bool, residual_grad: bool,
+    training: bool, eps: float, relu: bool, residual_grad: bool, bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # (bias: the CPU kernel recomputes the ReLU mask from x with it; this kernel reads the output.)
     N, C, H, W = x.shape
     M, acc = N * H * W, _acc_dtype(x)
     fp64 = acc == torch.float64
@@ -492,30 +331,3 @@ def batch_norm_act_backward(
         g, y, x, mean, coef, grad_x, M, C, H * W, W, *x.stride(), IS_CL=cl, RELU=mask_here, FP64=fp64, **blocks
     )
     return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), grad_z
-
-
-def zero_pad_shortcut(x: Tensor, out_channels: int, stride: int) -> Tensor:
-    N, Cin, H, W = x.shape
-    Ho, Wo = triton.cdiv(H, stride), triton.cdiv(W, stride)
-    out = torch.empty((N, out_channels, Ho, Wo), dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
-    if out.numel() == 0:
-        return out
-    M = N * Ho * Wo
-    _zero_pad[_grid2(M, out_channels)](
-        x, out, M, out_channels, Ho * Wo, Wo, Cin, *x.stride(), *out.stride(), stride,
-        IS_CL=_is_cl(out), **_interpret_blocks(out),
-    )
-    return out
-
-
-def zero_pad_shortcut_backward(grad_out: Tensor, input_size: list[int], stride: int) -> Tensor:
-    N, C, H, W = input_size
-    dx = torch.empty((N, C, H, W), dtype=grad_out.dtype, device=grad_out.device, memory_format=suggest_memory_format(grad_out))
-    if dx.numel() == 0:
-        return dx
-    M = N * H * W
-    _zero_pad_backward[_grid2(M, C)](
-        grad_out, dx, M, C, H * W, W, *grad_out.stride(), *dx.stride(), stride,
-        IS_CL=_is_cl(dx), **_interpret_blocks(dx),
-    )
-    return dx

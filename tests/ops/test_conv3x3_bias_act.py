@@ -46,11 +46,21 @@ def test_weight_transform_is_g_g_gt():
     u = winograd_weight(weight)
     assert u.shape == (16, 3, 5) and u.dtype == torch.float32
     for kk in range(5):
-        for cc in range(3):
+        for cc in range(3):  # in float64, rounded once: bit for bit
             expected = (g @ weight[kk, cc].double() @ g.T).reshape(16).float()
-            torch.testing.assert_close(u[:, cc, kk], expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(u[:, cc, kk], expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"expected a \(K, C, 3, 3\) weight"):
         winograd_weight(torch.randn(4, 3, 1, 1))
+
+
+def test_training_transforms_the_weight_as_inference_does():
+    """One weight transform (resnet_fast::winograd_weight, in float64): training's conv3x3_train
+    with Winograd and inference's conv3x3_bias_act compute the same bits."""
+    x = torch.randn(2, 64, 6, 6).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(64, 64, 3, 3)
+    train = torch.ops.resnet_fast.conv3x3_train(x, weight, 1, True, False)
+    infer = conv3x3_bias_act(x, winograd_weight(weight), torch.zeros(64), None, False)
+    assert torch.equal(train, infer)
 
 
 def test_non_finite_inputs_stay_within_their_tiles():

@@ -1,0 +1,19 @@
+#pragma once
+// Winograd F(2x2, 3x3) for 3x3, stride-1, padding-1 convolutions on CPU float32 tensors (see
+// winograd.cpp): the inference op conv3x3_bias_act, and training's conv3x3_train forward and
+// input gradient.
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace resnet_fast {
+
+// relu(conv3x3(x, weight) + bias + residual) from the transformed weight (16, C, K); channels_last output.
+at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& residual, bool relu);
+
+// U[4i + j, c, k] = (G weight[k, c] G^T)[i, j] for a (K, C, 3, 3) weight: float32, computed in
+// float64 and rounded once (the op resnet_fast::winograd_weight; inference caches it).
+at::Tensor winograd_weight(const at::Tensor& weight);
+
+}  // namespace resnet_fast

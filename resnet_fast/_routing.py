@@ -1,0 +1,396 @@
+"""Which implementation runs: every decision of that kind, in one place.
+
+The modules (:mod:`resnet_fast.nn`, :mod:`resnet_fast.models`) and the op wrappers
+(:mod:`resnet_fast.ops`) ask the functions below; they do not re-derive the answers. Each
+threshold is a named constant with the measurement behind it. The C++ kernels decide nothing of
+this: they receive the decision as an argument (e.g. ``conv3x3_train(..., winograd, ...)``) and
+check only that they can carry it out.
+
+=======================================  =====================================================
+question                                 function
+=======================================  =====================================================
+is something capturing the model?        :func:`formulas_only` (TorchScript, torch.export,
+                                         ONNX export, torch.fx: PyTorch's own ops only)
+does a module run its own forward?       :func:`steps_aside` (hooks, subclasses, norm layers
+                                         of other types)
+which implementation of an op?           :func:`impl_for` (backend and device)
+is the fused path on for a device?       :func:`fused_path`
+BatchNorm (+ add) (+ ReLU)               :func:`batch_norm_act_impl`
+a training 3x3 convolution               :func:`conv3x3_train_plan` (our op? Winograd? our
+                                         weight gradient?)
+inference conv + BN                      :func:`conv_bn_inference_plan` (folded: oneDNN
+                                         post-ops, Winograd, or cuDNN + epilogue)
+max pooling                              :func:`max_pool2d_impl`
+layouts                                  :func:`conv_weight_format`, :func:`internal_layout`
+writing a block end into its residual    :func:`may_donate_residuals`
+=======================================  =====================================================
+
+Two choices stay in C++ because they are what the kernels can do, not a routing choice
+(``csrc/autograd.cpp``, ``backward_features``): on the CPU the backward of ``batch_norm_act``
+recomputes the ReLU mask from x (the GPU kernels read the output) and, at a block end, runs in
+two ops with the incoming gradient freed between them.
+
+Every function is plain Python on module state, so torch.compile traces through it without a
+graph break.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch._prims_common import suggest_memory_format
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+from . import _backend
+
+# -- stepping aside ---------------------------------------------------------------------------
+
+
+def formulas_only() -> bool:
+    """True while the model is being captured for another runtime: torch.jit.trace (and the
+    TorchScript-based ONNX exporter), torch.export (and the default ONNX exporter), torch.fx
+    symbolic tracing (torchvision's feature extraction). The modules then run the formulas, in
+    torchvision's order of module calls, so the captured graph holds PyTorch's own ops only (Conv,
+    BatchNorm, ReLU, Add): it is torchvision's graph, and it runs wherever torchvision's does,
+    without resnet_fast. (``torch.jit.script`` compiles the same formulas: each module's
+    ``forward`` branches on ``torch.jit.is_scripting()``.)"""
+    if torch.compiler.is_compiling():  # torch.compile (fused ops traced) or torch.export
+        return torch.compiler.is_exporting()
+    return (
+        is_fx_symbolic_tracing()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        # The whole of torch.jit.trace(module, ...), whose check re-runs the Python forward outside
+        # the trace and compares it with the traced graph: it must run the same formulas.
+        or getattr(torch.jit._trace, "_trace_module_map", None) is not None
+    )
+
+
+def _global_hooks() -> bool:
+    m = torch.nn.modules.module
+    return bool(
+        m._global_forward_hooks
+        or m._global_forward_pre_hooks
+        or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+    )
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Forward, pre-forward or (full) backward hooks on ``module``: a fused call that does not go
+    through ``module.__call__`` would not fire them."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def steps_aside(*modules: nn.Module | None) -> bool:
+    """Whether these modules run their own forward instead of a fused call: a layer that is not
+    exactly the class the kernels implement (a user's norm layer, SyncBatchNorm, FrozenBatchNorm2d,
+    a parametrized or subclassed convolution), one with hooks of any kind, any global module hook
+    (a profiler, a FLOP counter), or a capture in progress (:func:`formulas_only`)."""
+    if _global_hooks() or formulas_only():
+        return True
+    for m in modules:
+        if m is None:
+            continue
+        if type(m) not in (nn.Conv2d, nn.BatchNorm2d) or has_hooks(m):
+            return True
+    return False
+
+
+# -- backends ---------------------------------------------------------------------------------
+
+
+def impl_for(op: str, device: torch.device) -> str:
+    """The implementation that runs ``op`` on a tensor of ``device``: eager, cpu, cuda or triton.
+    ``auto`` picks Triton for CUDA tensors (then the CUDA C++ kernels), the C++ kernels for CPU
+    tensors; ``triton`` also takes CPU tensors under TRITON_INTERPRET=1. An op without a kernel
+    for the device runs its formula."""
+    backend = _backend.get_backend()
+    if backend == "eager":
+        return "eager"
+    kind = device.type
+    if backend == "triton":
+        if kind == "cuda" or (kind == "cpu" and _backend.TRITON_INTERPRET):
+            return "triton" if _backend.has_kernel(op, "triton") else "eager"
+        raise RuntimeError(
+            f"resnet_fast backend 'triton' was selected but {op} got a tensor on {device}; Triton runs CUDA "
+            "tensors (and CPU tensors only with TRITON_INTERPRET=1 set before import)"
+        )
+    if backend in ("cpu", "cuda") and kind != backend:
+        raise RuntimeError(
+            f"resnet_fast backend {backend!r} was selected but {op} got a tensor on {device}; "
+            f"move the tensor to {backend} or call resnet_fast.set_backend('auto')"
+        )
+    if backend == "auto" and kind == "cuda" and _backend.has_kernel(op, "triton"):
+        return "triton"
+    if kind in ("cpu", "cuda") and _backend.has_kernel(op, kind):
+        return kind
+    return "eager"
+
+
+def fused_path(device: torch.device) -> bool:
+    """Whether the models run their fused path (BatchNorm fused with the add and ReLU, folded in
+    inference) for tensors on ``device``: the backend is not eager and batch_norm_act has a kernel."""
+    return impl_for("batch_norm_act", device) != "eager"
+
+
+# The dtypes each implementation of batch_norm_act / bias_act computes (the CPU kernels dispatch
+# on float32, float64 and bfloat16; the GPU kernels also take float16).
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+}
+
+
+def batch_norm_act_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> str:
+    """The implementation of ``batch_norm_act`` for this input: the formula for a BatchNorm
+    without affine parameters (the kernels take a weight and a bias), a non-4-D input (whose
+    error the formula reports as PyTorch does) and dtypes the kernels lack (float16 on the CPU)."""
+    impl = impl_for("batch_norm_act", x.device)
+    if impl == "eager" or weight is None or bias is None or x.dim() != 4 or x.dtype not in KERNEL_DTYPES[impl]:
+        return "eager"
+    return impl
+
+
+def elementwise_impl(op: str, x: Tensor) -> str:
+    """``zero_pad_shortcut`` and ``bias_act``: the device's kernel where it takes the dtype."""
+    impl = impl_for(op, x.device)
+    if impl == "eager" or (op == "bias_act" and x.dtype not in KERNEL_DTYPES[impl]):
+        return "eager"
+    return impl
+
+
+# -- convolutions -----------------------------------------------------------------------------
+
+# The CPU's vector ISA as ATen sees it ("AVX512", "AVX2", "DEFAULT"); oneDNN's convolutions use
+# AVX-512 where it is there, our kernels AVX2. Read once (torch.compile does not trace it).
+CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+_AVX512 = CPU_CAPABILITY == "AVX512"
+
+# Winograd F(2x2, 3x3) (16 multiplies per 2x2 outputs and input channel instead of 36) runs the
+# stride-1 3x3 convolutions with this many channels or more in and out faster than oneDNN's direct
+# convolution: in inference, ResNet-50's 3x3s at batch 8 by 1.27-1.71x on a 2-core Zen 3 (AVX2)
+# and 1.07-1.33x on a 2-core Zen 4 (AVX-512) (bench/test_ops.py); at 16 channels oneDNN is faster.
+# Both counts must be multiples of 8 (the transforms' vectors).
+WINOGRAD_MIN_CHANNELS = 64
+# Training transforms the weight at every call (it changes at every step); at 512 x 512 channels
+# that transform (16 MB, plus 9 MB of reordered taps) put ResNet-50's training peak memory above
+# eager's, so training's Winograd stops at C * K = 256 * 256. Inference transforms once (cached).
+WINOGRAD_TRAIN_MAX_WEIGHTS = 256 * 256
+# Where oneDNN has AVX-512, training's Winograd (with its per-call weight transform) pays on maps of
+# 14x14 and more only: forward / input gradient against oneDNN's on the Zen 4, (16, 64, 56, 56)
+# 0.78 / 0.78 of the time, (16, 128, 28, 28) 0.70 / 0.69, (16, 256, 14, 14) 0.88 / 0.77, but
+# ResNet-20's (128, 64, 8, 8) 1.08 / 0.98 (2026-12-01). On AVX2 it paid there too (1.22-1.24x).
+WINOGRAD_TRAIN_AVX512_MIN_MAP = 14
+# Our AVX2 weight gradient (csrc/cpu/conv3x3_train.cpp): a vector of 8 input channels lies within
+# one tap (C % 8 == 0), the register tile holds 4 output channels (K % 4 == 0), and beyond 128
+# input channels the tiles sweep too few pixels per load of their accumulators: oneDNN's is faster
+# there (ResNet-50's 256- and 512-channel 3x3s on the Zen 3: 56-95 against 106-125 GFLOP/s). On
+# AVX2 CPUs it ran ResNet-20's at 150-190 GFLOP/s where oneDNN's reached 105-140; where oneDNN has
+# AVX-512 its weight gradient is faster than ours at every shape measured (ours took 1.09-2.12x
+# its time on ResNet-20's, 0.99-1.28x on ResNet-50's; Zen 4, 2026-12-01), so ours runs on
+# AVX2-only CPUs.
+WEIGHT_GRAD_MAX_CHANNELS = 128
+
+
+def is_conv3x3(conv: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` of the residual nets' 3x3 kind: padding 1, no bias, dilation 1, one
+    group, zero padding, the same stride (1 or 2) both ways."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+        and conv.padding_mode == "zeros"
+        and conv.stride in ((1, 1), (2, 2))
+    )
+
+
+def winograd_applies(in_channels: int, out_channels: int, stride: int, training: bool, map_size: int = 0) -> bool:
+    """Whether a 3x3, padding-1 convolution runs by Winograd F(2x2, 3x3) (see the constants);
+    ``map_size``: the smaller side of the input map (training on AVX-512 CPUs looks at it)."""
+    c, k = in_channels, out_channels
+    return (
+        stride == 1
+        and c >= WINOGRAD_MIN_CHANNELS
+        and k >= WINOGRAD_MIN_CHANNELS
+        and c % 8 == 0
+        and k % 8 == 0
+        and (not training or c * k <= WINOGRAD_TRAIN_MAX_WEIGHTS)
+        and (not training or not _AVX512 or map_size >= WINOGRAD_TRAIN_AVX512_MIN_MAP)
+    )
+
+
+def weight_grad_kernel_applies(in_channels: int, out_channels: int) -> bool:
+    """Whether the 3x3 weight gradient is our AVX2 kernel's (see WEIGHT_GRAD_MAX_CHANNELS); on a
+    CPU without AVX2 the kernel hands it to ATen's."""
+    return (
+        not _AVX512
+        and in_channels % 8 == 0
+        and in_channels <= WEIGHT_GRAD_MAX_CHANNELS
+        and out_channels % 4 == 0
+    )
+
+
+class Conv3x3Plan(NamedTuple):
+    """How ``resnet_fast::conv3x3_train`` runs one convolution: the forward (and, at stride 1, the
+    input gradient, which is a stride-1 convolution too) by Winograd or by ATen's, the weight
+    gradient by our kernel or by ATen's."""
+
+    winograd: bool
+    weight_grad_kernel: bool
+
+
+def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int) -> Conv3x3Plan | None:
+    """The plan of a 3x3, padding-1, bias-free convolution whose weight gets a gradient, or None
+    where our op adds nothing to PyTorch's convolution: not float32 on the CPU path, another
+    stride, no weight gradient to compute, or neither Winograd nor our weight gradient pays here
+    (our op's gain is the weight gradient and, on wide maps, Winograd's forward and input gradient)."""
+    if (
+        x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or stride not in (1, 2)
+        or x.dim() != 4
+        or weight.dim() != 4
+        or tuple(weight.shape[2:]) != (3, 3)
+        or x.shape[1] != weight.shape[1]
+        or not (weight.requires_grad and torch.is_grad_enabled())
+        or impl_for("conv3x3_train", x.device) != "cpu"
+    ):
+        return None
+    k, c = weight.shape[0], weight.shape[1]
+    plan = Conv3x3Plan(
+        winograd_applies(c, k, stride, training=True, map_size=min(x.shape[2], x.shape[3])),
+        weight_grad_kernel_applies(c, k),
+    )
+    return plan if any(plan) else None
+
+
+def module_conv3x3_plan(x: Tensor, conv: nn.Module) -> Conv3x3Plan | None:
+    """:func:`conv3x3_train_plan` for a module (None unless :func:`is_conv3x3`, and where it
+    :func:`steps_aside`)."""
+    if not is_conv3x3(conv) or steps_aside(conv):
+        return None
+    return conv3x3_train_plan(x, conv.weight, conv.stride[0])
+
+
+def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | None:
+    """How a convolution followed by its BatchNorm runs in inference, with BatchNorm folded into
+    the convolution's weights (cached), or None where folding does not apply (training, anything
+    to differentiate, hooks, other module types, BatchNorm without running statistics or affine
+    parameters, torch.compile tracing, which folds by itself with freezing):
+
+    * ``"winograd"``: the fused CPU path's wide stride-1 3x3 convolutions (``conv3x3_bias_act``);
+    * ``"onednn"``: the other CPU convolutions: oneDNN with the residual add and ReLU as post-ops
+      (``torch.ops.mkldnn._convolution_pointwise``, which needs float32 channels_last);
+    * ``"epilogue"``: GPUs (and Triton's interpreter): cuDNN's convolution, then ``bias_act``."""
+    if not (
+        not bn.training
+        and not torch.compiler.is_compiling()
+        and type(conv) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
+        and bn.running_mean is not None
+        and bn.weight is not None
+        and x.dim() == 4
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or bn.weight.requires_grad))
+        and not steps_aside(conv, bn)
+    ):
+        return None
+    impl = impl_for("batch_norm_act", x.device)
+    if impl == "cpu" and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last):
+        winograd = (
+            conv.kernel_size == (3, 3)
+            and conv.padding == (1, 1)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+            and conv.stride == (1, 1)
+            and impl_for("conv3x3_bias_act", x.device) == "cpu"
+            and winograd_applies(conv.in_channels, conv.out_channels, 1, training=False)
+        )
+        return "winograd" if winograd else "onednn"
+    if impl in ("triton", "cuda") and x.dtype in KERNEL_DTYPES[impl]:
+        return "epilogue"
+    return None
+
+
+def max_pool2d_impl(x: Tensor, ceil_mode: bool = False, dilation=1, return_indices: bool = False) -> str:
+    """``"cpu"``: our pooling without argmax indices (``resnet_fast::max_pool2d``), for
+    floating-point channels_last CPU inputs that need no gradient, dilation 1, floor mode (ATen's
+    CPU pooling writes an int64 index per output, 12.8 MB after ResNet-50's stem at batch 8, that
+    only a backward reads: the stem's pooling 7.0 -> 3.8 ms). ``"eager"``: PyTorch's pooling
+    (GPUs, gradients, integer inputs, NCHW)."""
+    if (
+        return_indices
+        or ceil_mode
+        or dilation not in (1, (1, 1), [1, 1])
+        or x.dim() != 4
+        or not x.is_floating_point()
+        or (x.requires_grad and torch.is_grad_enabled())
+        or suggest_memory_format(x) != torch.channels_last
+        or impl_for("max_pool2d", x.device) != "cpu"
+    ):
+        return "eager"
+    return "cpu"
+
+
+# -- layouts ----------------------------------------------------------------------------------
+
+_MKLDNN = torch.backends.mkldnn.is_available()  # (read once: torch.compile does not trace it)
+
+
+def conv_weight_format() -> torch.memory_format:
+    """The memory format a new model's convolution weights are created in: channels_last when
+    the fused CPU kernels will run it (oneDNN then convolves without reordering the weights at
+    every call: ResNet-20 training about 10% faster), else PyTorch's default, so that a model built
+    under the eager backend computes exactly what torchvision's does. Values, shapes and state_dict
+    keys are the same either way; only the strides differ. Decided when the model is built:
+    switching backends afterwards changes which kernels run, not the weights' strides."""
+    if _backend.get_backend() in ("auto", "cpu") and _backend.has_kernel("batch_norm_act", "cpu"):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def internal_layout(x: Tensor, stem: nn.Conv2d) -> torch.memory_format | None:
+    """The layout the network runs in, or None to take the input as it is. The fused kernels are
+    fastest on channels_last (oneDNN's convolutions too), so the stem switches to it whenever they
+    run; the logits that come out are the same 2-D tensor either way.
+
+    Training a float32 net on the CPU, the batch goes in as it is: oneDNN convolves an NCHW input
+    with the channels_last stem weights into a channels_last output, and no converted copy of the
+    batch stays alive as the stem's saved input (9.6 MB at ResNet-50 batch 16: the difference
+    between our peak memory and eager channels_last's)."""
+    if not fused_path(x.device):
+        return None
+    if (
+        stem.training
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and stem.weight.is_contiguous(memory_format=torch.channels_last)
+        and _MKLDNN
+    ):
+        return None
+    return torch.channels_last
+
+
+def may_donate_residuals(model: nn.Module) -> bool:
+    """Whether a network's inference forward may write each block end's output into the storage
+    of its residual (the block input, which nothing reads again), as torch.compile's freezing
+    does: eval mode, nothing to differentiate, not under torch.compile or a capture, and no hook
+    anywhere (a hook could keep a block's input or output, which a later block would overwrite)."""
+    return (
+        not torch.compiler.is_compiling()
+        and not formulas_only()
+        and not model.training
+        and not torch.is_grad_enabled()
+        and not _global_hooks()
+        and not any(has_hooks(m) for m in model.modules())
+    )

@@ -1,0 +1,76 @@
+"""The residual nets' 3x3 convolution (padding 1, no bias, stride 1 or 2) for training on the CPU,
+with our weight gradient: oneDNN computed ResNet-20's at 125-140 GFLOP/s, two thirds of what its
+forward and input gradient reach; the AVX2 kernel in ``csrc/cpu/conv3x3_train.cpp`` runs at 150-190.
+On wide stride-1 maps the forward and the input gradient run by Winograd F(2x2, 3x3)
+(``csrc/cpu/winograd.cpp``).
+
+Formula: :func:`resnet_fast.ops.reference.conv3x3_train` and
+:func:`resnet_fast.ops.reference.conv3x3_weight_grad`. Which parts run by which kernel is
+:func:`resnet_fast._routing.conv3x3_train_plan`'s decision, passed to the op as arguments. The op's
+autograd is in ``csrc/autograd.cpp``; the weight gradient's own (for double backward) is here.
+GPUs keep PyTorch's convolution (cuDNN).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend, _routing
+from . import reference
+
+
+def conv3x3_train(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
+    """``F.conv2d(x, weight, None, stride, padding=1)`` for a (K, C, 3, 3) weight. Our op runs
+    where :func:`resnet_fast._routing.conv3x3_train_plan` has a plan (float32 CPU tensors whose
+    weight gradient will be computed); anything else is PyTorch's convolution."""
+    plan = _routing.conv3x3_train_plan(x, weight, stride)
+    if plan is None:
+        return reference.conv3x3_train(x, weight, stride)
+    return torch.ops.resnet_fast.conv3x3_train(x, weight, stride, plan.winograd, plan.weight_grad_kernel)
+
+
+def register() -> None:
+    """Fake kernels of ``resnet_fast::conv3x3_train`` and ``resnet_fast::conv3x3_weight_grad``, and
+    the weight gradient's own autograd (for double backward, e.g. a gradient penalty); the
+    convolution's autograd is in C++."""
+
+    @torch.library.register_fake("resnet_fast::conv3x3_train")
+    def _(x, weight, stride, winograd, weight_grad_kernel):
+        # PyTorch's convolution on the fake tensors: its shape checks and output layout (Winograd's
+        # output is channels_last whatever the input's).
+        y = F.conv2d(x, weight, None, stride, 1)
+        return y.contiguous(memory_format=torch.channels_last) if winograd else y
+
+    @torch.library.register_fake("resnet_fast::conv3x3_weight_grad")
+    def _(grad_out, x, stride, kernel):
+        torch._check(x.dim() == 4 and grad_out.dim() == 4, lambda: "conv3x3_weight_grad: expected 4-D tensors")
+        return torch.empty(
+            (grad_out.shape[1], x.shape[1], 3, 3), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
+        )
+
+    # dW is bilinear in (grad_out, x): <V, dW> = sum(grad_out * conv3x3(x, V)), so its gradients
+    # for a cotangent V are conv3x3(x, V) and the input gradient of that convolution.
+    def setup_context(ctx, inputs, output):
+        grad_out, x, stride, _kernel = inputs
+        ctx.save_for_backward(grad_out, x)
+        ctx.stride = stride
+
+    def backward(ctx, v):
+        grad_out, x = ctx.saved_tensors
+        s = ctx.stride
+        d_grad_out = d_x = None
+        if ctx.needs_input_grad[0]:
+            d_grad_out = F.conv2d(x, v, None, s, 1)
+        if ctx.needs_input_grad[1]:
+            d_x = torch.ops.aten.convolution_backward(
+                grad_out, x, v, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
+            )[0]
+        return d_grad_out, d_x, None, None
+
+    torch.library.register_autograd("resnet_fast::conv3x3_weight_grad", backward, setup_context=setup_context)
+
+
+if _backend.extension_available():
+    register()
