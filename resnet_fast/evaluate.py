@@ -17,7 +17,6 @@ with ``--arch resnet50``, normalised as torchvision's weights expect).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,15 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data as D
+from ._cli import UsageError, exit_code, pick_device, write_json
+from .checkpoint import Checkpoint
 from .models import IMAGENET_ARCHS, get_model, list_models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CHECKPOINT_FORMAT = "resnet_fast.train/1"
-
-
-class UsageError(ValueError):
-    """A bad option, file or checkpoint: the command line prints it and exits with code 2."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,72 +171,6 @@ def score(
 
 
 # --------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp)`` on a temporary file beside ``path``, then renames it over ``path``:
-    a crash at any moment leaves either the old file or the new one, never a torn one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def write_json(path: str, obj: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
-
-
-def load_checkpoint(path: str) -> dict:
-    """A ``resnet_fast.train`` checkpoint, checked: a clear UsageError for a missing, corrupt or
-    foreign file."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(f"checkpoint {path!r} is corrupt or not a torch file: {exc}") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"{path!r} is not a resnet_fast.train checkpoint (expected a dict with format {CHECKPOINT_FORMAT!r}); "
-            "for torchvision's weights use --weights"
-        )
-    missing = [k for k in ("arch", "num_classes", "model", "normalizer") if k not in ckpt]
-    if missing:
-        raise UsageError(f"checkpoint {path!r} is incomplete: no {', '.join(missing)}")
-    return ckpt
-
-
-def build_from_checkpoint(ckpt: dict, path: str) -> nn.Module:
-    model = get_model(ckpt["arch"], num_classes=int(ckpt["num_classes"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"checkpoint {path!r} does not fit {ckpt['arch']}: {exc}") from exc
-    return model
-
-
-# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -279,20 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pick_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: expected cpu or cuda")
-    return device
-
-
 def test_batches(dataset: str, data_dir: str | None, resize_size, crop_size, whole_images: bool, batch_size: int,
                  workers: int, device: torch.device, rank: int = 0, world_size: int = 1, classes: int | None = None):
     """(number of test images, an iterable of uint8 batches and labels, class count) for a dataset's test split."""
@@ -323,14 +239,14 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
     if args.checkpoint:
-        ckpt = load_checkpoint(args.checkpoint)
-        if args.arch and args.arch != ckpt["arch"]:
-            raise UsageError(f"--arch {args.arch} does not match the checkpoint, which holds {ckpt['arch']}")
-        arch = ckpt["arch"]
-        model = build_from_checkpoint(ckpt, args.checkpoint)
-        normalizer = D.Normalizer.from_state_dict(ckpt["normalizer"])
-        dataset = args.dataset or ckpt.get("config", {}).get("dataset", "imagefolder")
-        num_classes = int(ckpt["num_classes"])
+        ckpt = Checkpoint.load(args.checkpoint)
+        if args.arch and args.arch != ckpt.arch:
+            raise UsageError(f"--arch {args.arch} does not match the checkpoint, which holds {ckpt.arch}")
+        arch = ckpt.arch
+        model = ckpt.build_model(args.checkpoint)
+        normalizer = D.Normalizer.from_state_dict(ckpt.normalizer)
+        dataset = args.dataset or (ckpt.config or {}).get("dataset", "imagefolder")
+        num_classes = int(ckpt.num_classes)
     else:
         if not args.arch:
             raise UsageError("--weights needs --arch (one of " + ", ".join(IMAGENET_ARCHS) + ")")
@@ -396,15 +312,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         write_json(path, metrics)
         print(f"wrote {path}")
     return 0
-
-
-def exit_code(run: Callable[[Sequence[str] | None], int], prog: str, argv: Sequence[str] | None) -> int:
-    """``run(argv)``, with bad input (a UsageError or DataError) printed as one line and exit code 2."""
-    try:
-        return run(argv)
-    except (UsageError, D.DataError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

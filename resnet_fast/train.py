@@ -30,26 +30,16 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checkpoint as C
 from . import data as D
-from .evaluate import (
-    CHECKPOINT_FORMAT,
-    UsageError,
-    atomic_write,
-    exit_code,
-    load_checkpoint,
-    make_predictor,
-    pick_device,
-    score,
-    tensor_batches,
-    stack_or_list,
-    write_json,
-)
+from ._cli import UsageError, atomic_write, exit_code, pick_device, write_json
+from .evaluate import make_predictor, score, stack_or_list, tensor_batches
 from .models import get_model, list_models
 
 RECIPES = {
@@ -308,7 +298,8 @@ def plot_curves(path: str, history: list[dict], title: str) -> None:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """The checkpoint file, written atomically (the tests replace this to simulate a crash)."""
+    C.save(path, state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,37 +494,74 @@ def sync_buffers(model: nn.Module) -> None:
             torch.distributed.broadcast(b, src=0)
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    rank, world_size, local_rank = init_distributed()
-    main_process = rank == 0
+@dataclass
+class Run:
+    """A training run: its configuration, data, network and optimiser, and how far it has come."""
 
+    cfg: Config
+    data: Data
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    normalizer: D.Normalizer
+    pca: tuple[Tensor, Tensor] | None
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0
+    iteration: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_time: float = 0.0
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def total_epochs(self) -> int:
+        return math.ceil(self.cfg.iterations / len(self.data))
+
+    def checkpoint(self) -> C.Checkpoint:
+        return C.Checkpoint(
+            arch=self.cfg.arch, num_classes=len(self.data.classes), classes=list(self.data.classes),
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+            epoch=self.epoch, iteration=self.iteration, history=self.history, normalizer=self.normalizer.state_dict(),
+            pca=None if self.pca is None else list(self.pca), config=asdict(self.cfg), train_time=self.train_time,
+        )
+
+
+def configure(args: argparse.Namespace, world_size: int) -> tuple[Config, C.Checkpoint | None]:
+    """The run's configuration (a new one, or the resumed checkpoint's) and the checkpoint to resume."""
     ckpt = None
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if "config" not in ckpt or "optimizer" not in ckpt or "schedule" not in ckpt:
+        ckpt = C.Checkpoint.load(args.resume)
+        if not ckpt.resumable:
             raise UsageError(f"{args.resume!r} is a final model, not a resumable training checkpoint")
-        cfg = resume_config(args, ckpt["config"], world_size)
+        cfg = resume_config(args, ckpt.config, world_size)
     else:
         cfg = make_config(args, world_size)
-    out = choose_out(args, cfg)
-    cfg.out = out
+    cfg.out = choose_out(args, cfg)
+    return cfg, ckpt
+
+
+def build(cfg: Config, ckpt: C.Checkpoint | None, rank: int, world_size: int, local_rank: int) -> Run:
+    """Data, network, optimiser and schedule, new or restored from ``ckpt``. Bad data or a
+    mismatched checkpoint raise before any file is written."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
-
-    data = Data(cfg, rank, world_size, device)  # DataError for a missing or bad data dir: before any file is written
-    iters_per_epoch = len(data)
+    data = Data(cfg, rank, world_size, device)
     if cfg.epochs is not None:
-        cfg.iterations = cfg.epochs * iters_per_epoch
-    total_epochs = math.ceil(cfg.iterations / iters_per_epoch)
-
+        cfg.iterations = cfg.epochs * len(data)
     torch.manual_seed(cfg.seed)
     model = get_model(cfg.arch, num_classes=len(data.classes))
     if ckpt is not None:
-        if ckpt["arch"] != cfg.arch or int(ckpt["num_classes"]) != len(data.classes):
-            raise UsageError(f"checkpoint {args.resume!r} does not match its data: {ckpt['num_classes']} classes, the data has {len(data.classes)}")
-        model.load_state_dict(ckpt["model"])
+        if ckpt.arch != cfg.arch or int(ckpt.num_classes) != len(data.classes):
+            raise UsageError(
+                f"checkpoint {cfg.out!r} does not match its data: {ckpt.num_classes} classes, the data has {len(data.classes)}"
+            )
+        model.load_state_dict(ckpt.model)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -542,125 +570,156 @@ def run(argv: Sequence[str] | None = None) -> int:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     schedule = Schedule(cfg)
-
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        normalizer = D.Normalizer.from_state_dict(ckpt["normalizer"])
-        pca = tuple(ckpt["pca"]) if ckpt.get("pca") is not None else None
-        epoch, iteration, history = int(ckpt["epoch"]), int(ckpt["iteration"]), list(ckpt["history"])
-        train_time = float(ckpt.get("train_time", 0.0))
-    else:
+    if ckpt is None:
         normalizer, pca = data.statistics()
-        epoch, iteration, history, train_time = 0, 0, [], 0.0
+        return Run(cfg, data, model, net, optimizer, schedule, normalizer, pca, device, rank, world_size)
+    optimizer.load_state_dict(ckpt.optimizer)
+    schedule.load_state_dict(ckpt.schedule)
+    pca = tuple(ckpt.pca) if ckpt.pca is not None else None
+    return Run(
+        cfg, data, model, net, optimizer, schedule, D.Normalizer.from_state_dict(ckpt.normalizer), pca, device, rank,
+        world_size, epoch=int(ckpt.epoch), iteration=int(ckpt.iteration), history=list(ckpt.history),
+        train_time=float(ckpt.train_time),
+    )
 
-    if main_process:
-        os.makedirs(out, exist_ok=True)
-        where = f"{world_size} processes" if world_size > 1 else "1 process"
-        print(f"resnet_fast.train: {cfg.arch} on {cfg.dataset} ({len(data.train)} training images"
-              f"{f', {len(data.val)} validation' if data.val is not None else ''}, {len(data.test)} test), "
-              f"recipe {cfg.recipe}, batch {cfg.batch_size}, {cfg.iterations} iterations "
-              f"({iters_per_epoch} per epoch), {device}, {where}, {torch.get_num_threads()} threads")
-        print(f"schedule: {schedule.describe(cfg)}")
-        print(f"output: {out}" + (f" (resuming at iteration {iteration})" if ckpt is not None else ""))
 
-    predict = make_predictor("single")
+def describe(run: Run, resuming: bool) -> None:
+    cfg, data = run.cfg, run.data
+    where = f"{run.world_size} processes" if run.world_size > 1 else "1 process"
+    print(f"resnet_fast.train: {cfg.arch} on {cfg.dataset} ({len(data.train)} training images"
+          f"{f', {len(data.val)} validation' if data.val is not None else ''}, {len(data.test)} test), "
+          f"recipe {cfg.recipe}, batch {cfg.batch_size}, {cfg.iterations} iterations "
+          f"({len(data)} per epoch), {run.device}, {where}, {torch.get_num_threads()} threads")
+    print(f"schedule: {run.schedule.describe(cfg)}")
+    print(f"output: {cfg.out}" + (f" (resuming at iteration {run.iteration})" if resuming else ""))
+
+
+def train_one_epoch(run: Run) -> dict:
+    """One epoch of SGD steps (fewer where the run ends within it): the learning rate of each
+    iteration, the warm-up's bookkeeping. Returns the epoch's summed loss, mistakes and images
+    over all processes, its last learning rate and its time."""
+    cfg, device, schedule = run.cfg, run.device, run.schedule
     from tqdm import tqdm
 
-    while iteration < cfg.iterations:
-        steps = min(iters_per_epoch, cfg.iterations - iteration)
-        net.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        wrong = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{total_epochs}", unit="it", disable=None if main_process else True, leave=False)
-        t0 = time.perf_counter()
-        for step, (x, y) in enumerate(data.epoch(epoch, normalizer, pca)):
-            if step == steps:
-                break
-            lr = schedule.lr(iteration)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp):
-                logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            batch_wrong = (logits.detach().argmax(1) != y).sum()
-            loss_sum += loss.detach().double() * len(y)
-            wrong += batch_wrong.double()
-            seen += len(y)
-            if schedule.warming:
-                stats = torch.stack([batch_wrong.double(), torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
-                if world_size > 1:
-                    stats = all_reduce_cpu(stats, device)
-                schedule.after_iteration(iteration, float(stats[0] / stats[1]))
-                if not schedule.warming and main_process:
-                    bar.write(f"warm-up over after {schedule.warmup_ended_at} iterations (training error below "
-                              f"{WARMUP_ERROR:.0%}): lr {schedule.lr(iteration + 1):g} from now on")
-            iteration += 1
-            bar.update(1)
-            if bar.disable is False and step % 5 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:g}")
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        train_time += elapsed
-        totals = torch.stack([loss_sum, wrong, torch.tensor(float(seen), device=device, dtype=torch.float64)])
-        if world_size > 1:
-            totals = all_reduce_cpu(totals, device)
-        loss_total, wrong_total, seen_total = totals.tolist()
-        epoch += 1
+    steps = min(len(run.data), cfg.iterations - run.iteration)
+    run.net.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    wrong = torch.zeros((), dtype=torch.float64, device=device)
+    seen, lr = 0, schedule.lr(run.iteration)
+    bar = tqdm(total=steps, desc=f"epoch {run.epoch + 1}/{run.total_epochs}", unit="it",
+               disable=None if run.main_process else True, leave=False)
+    t0 = time.perf_counter()
+    for step, (x, y) in enumerate(run.data.epoch(run.epoch, run.normalizer, run.pca)):
+        if step == steps:
+            break
+        lr = schedule.lr(run.iteration)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp):
+            logits = run.net(x)
+            loss = F.cross_entropy(logits.float(), y)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        batch_wrong = (logits.detach().argmax(1) != y).sum()
+        loss_sum += loss.detach().double() * len(y)
+        wrong += batch_wrong.double()
+        seen += len(y)
+        if schedule.warming:
+            stats = torch.stack([batch_wrong.double(), torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+            if run.world_size > 1:
+                stats = all_reduce_cpu(stats, device)
+            schedule.after_iteration(run.iteration, float(stats[0] / stats[1]))
+            if not schedule.warming and run.main_process:
+                bar.write(f"warm-up over after {schedule.warmup_ended_at} iterations (training error below "
+                          f"{WARMUP_ERROR:.0%}): lr {schedule.lr(run.iteration + 1):g} from now on")
+        run.iteration += 1
+        bar.update(1)
+        if bar.disable is False and step % 5 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:g}")
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    run.train_time += elapsed
+    totals = torch.stack([loss_sum, wrong, torch.tensor(float(seen), device=device, dtype=torch.float64)])
+    if run.world_size > 1:
+        totals = all_reduce_cpu(totals, device)
+    loss_total, wrong_total, seen_total = totals.tolist()
+    run.epoch += 1
+    return {"loss": loss_total, "wrong": wrong_total, "seen": seen_total, "lr": lr, "elapsed": elapsed}
 
-        sync_buffers(model)
-        val_error = None
-        if data.val is not None:
-            val_error = score(model, data.eval_batches("val"), normalizer, predict, device, cfg.amp)["top1_error"]
-        test = score(model, data.eval_batches("test"), normalizer, predict, device, cfg.amp)
-        schedule.after_epoch(val_error if val_error is not None else test["top1_error"])
-        row = {
-            "epoch": epoch, "iteration": iteration, "lr": lr,
-            "train_loss": round(loss_total / seen_total, 6), "train_error": round(wrong_total / seen_total, 6),
-            "val_error": None if val_error is None else round(val_error, 6),
-            "test_error": round(test["top1_error"], 6), "test_top5_error": round(test["top5_error"], 6),
-            "images_per_s": round(seen_total / elapsed, 1),
-        }
-        history.append(row)
-        if main_process:
-            state = {
-                "format": CHECKPOINT_FORMAT, "arch": cfg.arch, "num_classes": len(data.classes),
-                "classes": list(data.classes), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "epoch": epoch, "iteration": iteration, "history": history,
-                "normalizer": normalizer.state_dict(), "pca": None if pca is None else list(pca),
-                "config": asdict(cfg), "train_time": train_time,
-            }
-            save_checkpoint(os.path.join(out, CHECKPOINT), state)
-            write_log(os.path.join(out, "log.csv"), history)
-            plot_curves(os.path.join(out, "curves.png"), history, f"{cfg.arch} on {cfg.dataset}")
-            val_text = f", val error {100 * val_error:.2f}%" if val_error is not None else ""
-            print(f"epoch {epoch}/{total_epochs}  iter {iteration}  lr {lr:g}  loss {row['train_loss']:.4f}  "
-                  f"train error {100 * row['train_error']:.2f}%{val_text}  test error {100 * row['test_error']:.2f}%  "
-                  f"{row['images_per_s']:.0f} img/s", flush=True)
-        if world_size > 1:
-            torch.distributed.barrier()
 
-    if not history:
-        raise UsageError(f"the run in {out!r} has no finished epoch to report")
-    last = history[-1]
-    if main_process:
-        metrics = {
-            "top1_error": last["test_error"], "top5_error": last["test_top5_error"],
-            "val_error": last["val_error"], "train_error": last["train_error"],
-            "arch": cfg.arch, "dataset": cfg.dataset, "recipe": cfg.recipe, "iterations": iteration,
-            "epochs": epoch, "batch_size": cfg.batch_size, "processes": world_size,
-            "train_time_s": round(train_time, 1), "checkpoint": os.path.join(out, CHECKPOINT),
-        }
-        write_json(os.path.join(out, "metrics.json"), metrics)
-        print(f"done: {cfg.arch} on {cfg.dataset}, {iteration} iterations in {train_time:.0f} s of training; "
-              f"test top-1 error {100 * last['test_error']:.2f}%, top-5 error {100 * last['test_top5_error']:.2f}% "
-              f"(metrics.json, log.csv, curves.png and {CHECKPOINT} in {out})")
+def evaluate(run: Run) -> tuple[float | None, dict]:
+    """The validation error (None without a validation set) and the test errors, on rank 0's
+    BatchNorm statistics."""
+    sync_buffers(run.model)
+    predict = make_predictor("single")
+    val_error = None
+    if run.data.val is not None:
+        val_error = score(run.model, run.data.eval_batches("val"), run.normalizer, predict, run.device, run.cfg.amp)["top1_error"]
+    test = score(run.model, run.data.eval_batches("test"), run.normalizer, predict, run.device, run.cfg.amp)
+    return val_error, test
+
+
+def finish_epoch(run: Run, stats: dict, val_error: float | None, test: dict) -> None:
+    """The schedule's end of epoch; the log row; on rank 0 the checkpoint, log.csv, curves.png
+    and a line of output."""
+    run.schedule.after_epoch(val_error if val_error is not None else test["top1_error"])
+    row = {
+        "epoch": run.epoch, "iteration": run.iteration, "lr": stats["lr"],
+        "train_loss": round(stats["loss"] / stats["seen"], 6), "train_error": round(stats["wrong"] / stats["seen"], 6),
+        "val_error": None if val_error is None else round(val_error, 6),
+        "test_error": round(test["top1_error"], 6), "test_top5_error": round(test["top5_error"], 6),
+        "images_per_s": round(stats["seen"] / stats["elapsed"], 1),
+    }
+    run.history.append(row)
+    if run.main_process:
+        out = run.cfg.out
+        save_checkpoint(os.path.join(out, CHECKPOINT), run.checkpoint().to_dict())
+        write_log(os.path.join(out, "log.csv"), run.history)
+        plot_curves(os.path.join(out, "curves.png"), run.history, f"{run.cfg.arch} on {run.cfg.dataset}")
+        val_text = f", val error {100 * val_error:.2f}%" if val_error is not None else ""
+        print(f"epoch {run.epoch}/{run.total_epochs}  iter {run.iteration}  lr {stats['lr']:g}  loss {row['train_loss']:.4f}  "
+              f"train error {100 * row['train_error']:.2f}%{val_text}  test error {100 * row['test_error']:.2f}%  "
+              f"{row['images_per_s']:.0f} img/s", flush=True)
+    if run.world_size > 1:
+        torch.distributed.barrier()
+
+
+def report(run: Run) -> None:
+    """metrics.json and the closing line (rank 0)."""
+    if not run.history:
+        raise UsageError(f"the run in {run.cfg.out!r} has no finished epoch to report")
+    if not run.main_process:
+        return
+    cfg, last = run.cfg, run.history[-1]
+    metrics = {
+        "top1_error": last["test_error"], "top5_error": last["test_top5_error"],
+        "val_error": last["val_error"], "train_error": last["train_error"],
+        "arch": cfg.arch, "dataset": cfg.dataset, "recipe": cfg.recipe, "iterations": run.iteration,
+        "epochs": run.epoch, "batch_size": cfg.batch_size, "processes": run.world_size,
+        "train_time_s": round(run.train_time, 1), "checkpoint": os.path.join(cfg.out, CHECKPOINT),
+    }
+    write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    print(f"done: {cfg.arch} on {cfg.dataset}, {run.iteration} iterations in {run.train_time:.0f} s of training; "
+          f"test top-1 error {100 * last['test_error']:.2f}%, top-5 error {100 * last['test_top5_error']:.2f}% "
+          f"(metrics.json, log.csv, curves.png and {CHECKPOINT} in {cfg.out})")
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank, world_size, local_rank = init_distributed()
+    cfg, ckpt = configure(args, world_size)
+    state = build(cfg, ckpt, rank, world_size, local_rank)  # before any file is written
+    if state.main_process:
+        os.makedirs(cfg.out, exist_ok=True)
+        describe(state, resuming=ckpt is not None)
+    while state.iteration < cfg.iterations:
+        stats = train_one_epoch(state)
+        val_error, test = evaluate(state)
+        finish_epoch(state, stats, val_error, test)
+    report(state)
     return 0
 
 

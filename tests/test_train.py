@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from resnet_fast import train as T
-from resnet_fast.evaluate import CHECKPOINT_FORMAT
+from resnet_fast.checkpoint import FORMAT as CHECKPOINT_FORMAT
 
 from .test_data import write_cifar10, write_image_folder
 

@@ -15,13 +15,15 @@ from .. import _routing, ops
 
 
 def _unfused_bn_act(x: Tensor, bn: nn.Module, residual: Tensor | None, relu: bool, residual_stride: int) -> Tensor:
-    """``relu(bn(x) + residual)`` through the modules themselves (their hooks fire)."""
+    """``relu(bn(x) + residual)`` through the module itself (its hooks fire), with torchvision's
+    in-place add and ReLU: a hook that keeps the BatchNorm's output sees it change as
+    torchvision's does."""
     if residual is not None and (residual_stride != 1 or residual.shape[1] != x.shape[1]):
         residual = ops.zero_pad_shortcut(residual, x.shape[1], residual_stride)
     y = bn(x)
     if residual is not None:
-        y = y + residual
-    return torch.relu(y) if relu else y
+        y += residual
+    return torch.relu_(y) if relu else y
 
 
 def bn_act(

@@ -144,30 +144,28 @@ def _double_backward(ctx, gg_x, gg_weight, gg_bias, gg_z):
     """The derivative of ``batch_norm_act_backward``: the vector-Jacobian product of
     :func:`_backward_formula` with the cotangents of its outputs, for the incoming gradient, x and
     the weight (the bias, the output and the statistics enter only through the ReLU mask, or are
-    recomputed from x). Computed on the saved tensors themselves, so a third derivative goes on
-    through it."""
+    recomputed from x). Partial derivatives, by ``torch.func.vjp``: the saved tensors carry the
+    outer graph's history (the incoming gradient depends on x through the later layers), which
+    ``torch.autograd.grad`` would differentiate through as well; and under create_graph the result
+    stays differentiable, so a third derivative goes on through it."""
     grad_y, x, output, weight, mean, var, bias = ctx.saved_tensors
-    create_graph = torch.is_grad_enabled()  # (create_graph=True of the backward that got here)
     mask = _relu_mask(x, output, weight, bias, mean, var, ctx.eps) if ctx.relu else None
-    wanted = [i for i, need in zip((0, 1, 2), (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])) if need]
-    with torch.enable_grad():
-        inputs = [grad_y, x, weight]
-        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
-        outs = _backward_formula(leaves[0], leaves[1], leaves[2], mask, mean, var, ctx.training, ctx.eps)
-        pairs = [(o, g) for o, g in zip(outs, (gg_x, gg_weight, gg_bias, gg_z)) if g is not None and g.numel() > 0]
-        grads = [None, None, None]
-        if pairs and wanted:
-            got = torch.autograd.grad(
-                [o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
-                allow_unused=True, create_graph=create_graph,
-                # (retained: with the incoming gradient among the inputs, a graph freed here
-                # is still needed by the rest of the outer backward)
-                retain_graph=True,
-            )
-            for i, g in zip(wanted, got):
-                grads[i] = g
+
+    def backward(gy, xx, ww):
+        return _backward_formula(gy, xx, ww, mask, mean, var, ctx.training, ctx.eps)
+
+    outs, vjp = torch.func.vjp(backward, grad_y, x, weight)
+    cotangents = tuple(
+        torch.zeros_like(o) if g is None or g.numel() == 0 else g.to(o.dtype)
+        for o, g in zip(outs, (gg_x, gg_weight, gg_bias, gg_z))
+    )
+    d_grad_y, d_x, d_weight = vjp(cotangents)
+    needs = ctx.needs_input_grad
     # Inputs: grad_y, x, output, weight, mean, var, training, eps, relu, residual_grad, bias.
-    return grads[0], grads[1], None, grads[2], None, None, None, None, None, None, None
+    return (
+        d_grad_y if needs[0] else None, d_x if needs[1] else None, None, d_weight if needs[3] else None,
+        None, None, None, None, None, None, None,
+    )
 
 
 def _setup_double_backward(ctx, inputs, output):
