@@ -1,4 +1,11 @@
-"""Builds the torch extension ``resnet_fast._C`` from ``csrc/``.
+"""Builds the torch extension ``resnet_fast._C`` from ``csrc/``, against the torch that is
+installed (any release from ``MIN_TORCH`` on; a C++ extension must be compiled against the torch
+it runs with).
+
+* ``pip install --no-build-isolation -e .`` compiles against the environment's torch directly.
+* ``pip install -e .`` (an isolated build) asks pip for exactly the environment's torch release in
+  the build environment (``setup_requires``, read by setuptools' ``get_requires_for_build_*``),
+  so that the extension matches it too; with no torch installed yet, the newest supported one.
 
 The CPU sources are always compiled. The CUDA sources are compiled whenever a CUDA
 toolkit is found, also on a machine without a GPU:
@@ -23,6 +30,53 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# The oldest torch the extension builds against. Releases after the newest one tested (README,
+# "Supported torch releases") are not refused: the C++ API the kernels use has been stable.
+MIN_TORCH = (2, 11)
+TESTED_TORCH = "2.11 and 2.14"
+
+
+def torch_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string such as "2.14.1+cu130" or "2.15.0.dev20261101"."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if not match:
+        raise RuntimeError(f"cannot read the torch version {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_torch_version(version: str) -> None:
+    """Refuses a torch older than MIN_TORCH, naming the supported range."""
+    if torch_release(version) < MIN_TORCH:
+        raise RuntimeError(
+            f"resnet_fast needs torch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer (tested with {TESTED_TORCH}); this "
+            f"environment has torch {version}. Install a supported release, e.g. "
+            f"pip install 'torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}' and its torchvision, then build again."
+        )
+
+
+def target_torch_version() -> str | None:
+    """The torch release of the environment being installed into, or None. In pip's isolated build
+    environment that torch is hidden from sys.path, but its metadata is still in the interpreter's
+    own site-packages (sysconfig's purelib and platlib)."""
+    import sysconfig
+    from importlib import metadata
+
+    paths = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    for dist in metadata.distributions(path=paths):
+        if (dist.metadata["Name"] or "").lower() == "torch":
+            return dist.version
+    return None
+
+
+def build_requirements() -> list[str]:
+    """What an isolated build needs beyond pyproject's build-system: the environment's own torch
+    release (its public version: pip matches a local build such as +cpu with it), else a
+    supported one."""
+    version = target_torch_version()
+    if version is None:
+        return [f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}"]
+    check_torch_version(version)
+    return [f"torch=={version.split('+')[0]}"]
 
 
 def _is_toolkit(root: str | None) -> bool:
@@ -91,6 +145,7 @@ def extensions():
     import torch
     from torch.utils import cpp_extension
 
+    check_torch_version(torch.__version__)
     if with_cuda and torch.version.cuda is None:
         if os.environ.get("RESNET_FAST_CUDA") == "1":
             raise RuntimeError("RESNET_FAST_CUDA=1 but the installed torch is a CPU-only build")
@@ -129,10 +184,21 @@ def extensions():
     ], cpp_extension.BuildExtension
 
 
+def torch_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
 if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import its helpers
-    ext_modules, build_ext = extensions()
-    setup(
-        ext_modules=ext_modules,
-        cmdclass={"build_ext": build_ext},
-        options={"bdist_wheel": {"py_limited_api": "cp311"}},
-    )
+    if not torch_importable():
+        # pip's isolated build asking what it needs (get_requires_for_build_*): torch, the release
+        # the package will run with. Nothing is built in this pass.
+        setup(setup_requires=build_requirements())
+    else:
+        ext_modules, build_ext = extensions()
+        setup(
+            ext_modules=ext_modules,
+            cmdclass={"build_ext": build_ext},
+            options={"bdist_wheel": {"py_limited_api": "cp311"}},
+        )

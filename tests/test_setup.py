@@ -54,3 +54,30 @@ def test_a_toolkit_behind_an_nvcc_wrapper_is_found(setup_module, monkeypatch, tm
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{wrapper_dir}:{os.environ['PATH']}")
     assert setup_module["find_cuda_home"]() == str(root)
+
+
+def test_the_supported_torch_range(setup_module):
+    check = setup_module["check_torch_version"]
+    for ok in ("2.11.0", "2.14.1+cu130", "2.15.0", "2.16.0.dev20270101", "3.0.0"):
+        check(ok)  # no upper bound
+    for old in ("2.10.0", "2.9.1+cpu", "1.13.1"):
+        with pytest.raises(RuntimeError, match=r"needs torch 2\.11 or newer \(tested with 2\.11 and 2\.14\); this environment has torch"):
+            check(old)
+
+
+def test_an_isolated_build_asks_for_the_environments_own_torch(setup_module, monkeypatch, tmp_path):
+    # pip's isolated build hides the environment's site-packages from sys.path, not from sysconfig:
+    # the torch found there is the release the build environment must get.
+    site = tmp_path / "site-packages"
+    (site / "torch-2.11.0+cpu.dist-info").mkdir(parents=True)
+    (site / "torch-2.11.0+cpu.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.11.0+cpu\n")
+    import sysconfig
+
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"purelib": str(site), "platlib": str(site)})
+    assert setup_module["target_torch_version"]() == "2.11.0+cpu"
+    assert setup_module["build_requirements"]() == ["torch==2.11.0"]
+    (site / "torch-2.11.0+cpu.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.9.1\n")
+    with pytest.raises(RuntimeError, match="needs torch 2.11 or newer"):
+        setup_module["build_requirements"]()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"purelib": str(tmp_path), "platlib": str(tmp_path)})
+    assert setup_module["build_requirements"]() == ["torch>=2.11"]  # no torch yet: a supported one
