@@ -120,6 +120,29 @@ def find_cuda_home() -> str | None:
     return None
 
 
+def cubin_archs(path: str) -> set[int]:
+    """SM architectures of the cubins embedded in a shared library (tests/test_build.py and
+    bench/gpu_check.py check a build with it).
+
+    The toolkit here has no cuobjdump, so read the embedded device ELF images directly: each
+    is an ELF file with e_machine EM_CUDA (190); in the ELF ABI that nvcc 12.x/13.x writes
+    (OS ABI 0x41, ABI version >= 8) the SM version sits in bits 8-15 of e_flags, in older ones
+    in bits 0-7.
+    """
+    import struct
+
+    data = open(path, "rb").read()
+    archs = set()
+    i = data.find(b"\x7fELF", 1)
+    while i >= 0:
+        if data[i + 4] == 2 and struct.unpack_from("<H", data, i + 18)[0] == 190:  # 64-bit, EM_CUDA
+            flags = struct.unpack_from("<I", data, i + 48)[0]
+            new_abi = data[i + 7] == 0x41 and data[i + 8] >= 8
+            archs.add((flags >> 8) & 0xFF if new_abi else flags & 0xFF)
+        i = data.find(b"\x7fELF", i + 1)
+    return archs
+
+
 def cuda_wanted() -> tuple[bool, str | None]:
     mode = os.environ.get("RESNET_FAST_CUDA", "").strip()
     if mode not in ("", "0", "1"):

@@ -7,6 +7,8 @@ median of the per-pair time ratios: shared machines drift, ratios taken side by 
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
 import time
@@ -34,10 +36,14 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def compare(benchmark, name: str, items: int, candidate, baselines: dict, pairs: int = 5, rounds: int = 3) -> dict:
+def compare(benchmark, name: str, items: int, candidate, baselines: dict, pairs: int = 5, rounds: int = 3,
+            extra: dict | None = None) -> dict:
     """Benchmarks ``candidate`` and records ``candidate`` vs each baseline, interleaved.
 
     items: images (or elements) per call, for the throughput column.
+    extra: more fields for the row (e.g. ``bytes``, the traffic model's bytes per call, from which
+    the row gets the achieved ``gb_per_s``). With ``RESNET_FAST_BENCH_JSONL`` set, each row is
+    also appended to that file as it is measured (bench/gpu_check.py reads it).
     Returns {baseline: median speed-up of the candidate}.
     """
     for fn in (candidate, *baselines.values()):  # warm-up: allocator, oneDNN primitive caches
@@ -51,8 +57,15 @@ def compare(benchmark, name: str, items: int, candidate, baselines: dict, pairs:
         for b, fn in baselines.items():
             ratios[b].append(_time(fn) / t)
     speedups = {b: statistics.median(r) for b, r in ratios.items()}
-    row = {"name": name, "items_per_s": items / statistics.median(cand_times), "speedups": speedups}
+    seconds = statistics.median(cand_times)
+    row = {"name": name, "items_per_s": items / seconds, "seconds": seconds, "speedups": speedups, **(extra or {})}
+    if "bytes" in row:
+        row["gb_per_s"] = row["bytes"] / seconds / 1e9
     RESULTS.append(row)
+    path = os.environ.get("RESNET_FAST_BENCH_JSONL")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
     benchmark.extra_info.update({f"speedup_vs_{b}": round(s, 3) for b, s in speedups.items()})
     benchmark.extra_info["items_per_s"] = round(row["items_per_s"], 2)
     return speedups

@@ -1,8 +1,12 @@
 """GPU benchmarks (run where torch.cuda.is_available(); skipped here with the reason): each
-fused op, and ResNet-50 at batch 256, training and inference, against eager NCHW, eager
-channels_last + AMP, and torch.compile."""
+fused op forward + backward against eager and torch.compile, with its achieved GB/s (the traffic
+model's bytes, bench/traffic.py, over the measured time) and the model's predicted speed-up beside
+the measured one; ResNet-50 at batch 256, training and inference, AMP bf16 and fp32, against eager
+NCHW, eager channels_last + AMP, and torch.compile; CIFAR ResNet-20 training at batch 128.
+bench/gpu_check.py runs them on a lent GPU."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -11,8 +15,22 @@ import torch.nn.functional as F
 import resnet_fast
 from conftest import compare
 from resnet_fast.nn import bn_act
+from traffic import Site, passes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+
+# bench/gpu_check.py measures in time boxes: first against eager alone (RESNET_FAST_BENCH_COMPILE=0),
+# then against torch.compile alone (RESNET_FAST_BENCH_ONLY_COMPILE=1), whose compilation takes
+# tens of seconds a network.
+WITH_COMPILE = os.environ.get("RESNET_FAST_BENCH_COMPILE", "1") != "0"
+ONLY_COMPILE = os.environ.get("RESNET_FAST_BENCH_ONLY_COMPILE", "0") == "1"
+
+
+def baselines(eager: dict, compiled: dict) -> dict:
+    """The baselines of this run (see WITH_COMPILE and ONLY_COMPILE); compiled: {name: thunk}."""
+    if ONLY_COMPILE:
+        return {k: v() for k, v in compiled.items()}
+    return {**eager, **({k: v() for k, v in compiled.items()} if WITH_COMPILE else {})}
 
 
 def synced(fn):
@@ -45,13 +63,16 @@ def test_gpu_batch_norm_act_fwd_bwd(benchmark, impl, dtype, shape, residual):
             y = y + r
         F.relu(y).backward(grad)
 
-    compiled_fn = torch.compile(lambda x, r: F.relu(bn(x) + r) if r is not None else F.relu(bn(x)))
+    def make_compiled():
+        compiled_fn = torch.compile(lambda x, r: F.relu(bn(x) + r) if r is not None else F.relu(bn(x)))
+        return synced(lambda: compiled_fn(x, r).backward(grad))
 
-    def compiled():
-        compiled_fn(x, r).backward(grad)
-
+    site = Site("bench", x.numel(), relu=True, residual=residual)
+    fused_bytes = passes(site, True, True) * x.numel() * x.element_size()
+    eager_bytes = passes(site, True, False) * x.numel() * x.element_size()
     compare(benchmark, f"GPU {impl} batch_norm_act {shape} {str(dtype)[6:]}", x.numel(), synced(ours),
-            {"eager": synced(eager), "torch.compile": synced(compiled)}, pairs=20, rounds=20)
+            baselines({"eager": synced(eager)}, {"torch.compile": make_compiled}), pairs=20, rounds=20,
+            extra={"bytes": fused_bytes, "model_speedup_vs_eager": eager_bytes / fused_bytes})
 
 
 def resnet50_pair():
@@ -65,7 +86,7 @@ def resnet50_pair():
 def test_gpu_resnet50_batch256(benchmark, mode):
     ours, eager_nchw = resnet50_pair()
     eager_cl = copy.deepcopy(eager_nchw).to(memory_format=torch.channels_last)
-    compiled = torch.compile(copy.deepcopy(eager_cl))
+    compiled = torch.compile(copy.deepcopy(eager_cl))  # (compiles at its first call)
     models = [ours, eager_nchw, eager_cl, compiled]
     for m in models:
         m.train(mode == "train")
@@ -90,6 +111,37 @@ def test_gpu_resnet50_batch256(benchmark, mode):
 
         return run
 
-    compare(benchmark, f"GPU ResNet-50 {mode} b256 (ours: bf16 AMP)", 256, step(ours, True, "auto"),
-            {"eager NCHW fp32": step(eager_nchw, False), "eager CL + AMP": step(eager_cl, True, channels_last=True),
-             "torch.compile CL + AMP": step(compiled, True, channels_last=True)}, pairs=5, rounds=5)
+    compare(benchmark, f"GPU ResNet-50 {mode} b256 bf16 AMP", 256, step(ours, True, "auto"),
+            baselines({"eager NCHW fp32": step(eager_nchw, False), "eager CL + AMP": step(eager_cl, True, channels_last=True)},
+                      {"torch.compile CL + AMP": lambda: step(compiled, True, channels_last=True)}), pairs=5, rounds=5)
+    compare(benchmark, f"GPU ResNet-50 {mode} b256 fp32", 256, step(ours, False, "auto"),
+            baselines({"eager CL fp32": step(eager_cl, False, channels_last=True)},
+                      {"torch.compile CL fp32": lambda: step(compiled, False, channels_last=True)}), pairs=5, rounds=5)
+
+
+def test_gpu_cifar_resnet20_training_batch128(benchmark):
+    torch.manual_seed(0)
+    with resnet_fast.use_backend("eager"):
+        ref = resnet_fast.resnet20().cuda()
+    ours = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    eager_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    compiled = torch.compile(copy.deepcopy(eager_cl))  # (compiles at its first call)
+    x = torch.randn(128, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (128,), device="cuda")
+
+    def step(model, backend):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+        def run():
+            with resnet_fast.use_backend(backend):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            torch.cuda.synchronize()
+
+        return run
+
+    compare(benchmark, "GPU CIFAR ResNet-20 training b128 fp32", 128, step(ours, "auto"),
+            baselines({"eager CL": step(eager_cl, "eager")}, {"torch.compile CL": lambda: step(compiled, "eager")}),
+            pairs=10, rounds=10)

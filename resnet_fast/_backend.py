@@ -85,6 +85,30 @@ def _triton_problem() -> str | None:
             "Triton kernels need a CUDA device (none here); set TRITON_INTERPRET=1 before importing "
             "resnet_fast to run them on CPU tensors in Triton's interpreter"
         )
+    if not _CUDA_DEVICE:
+        return _interpreter_problem()
+    return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def _interpreter_problem() -> str | None:
+    """Triton before 3.7 (torch 2.11's 3.6) converts a kernel's scalar arguments with int() of a
+    1-element array, which NumPy 2.4 made an error: its interpreter cannot run a loop bound by one."""
+    from importlib import metadata
+
+    try:
+        triton_version, numpy_version = metadata.version("triton"), metadata.version("numpy")
+    except metadata.PackageNotFoundError:
+        return None
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter cannot run these kernels with NumPy {numpy_version} (it takes int() "
+            "of 1-element arrays, an error since NumPy 2.4): install numpy<2.4, or triton 3.7 or newer, to run them "
+            "on CPU tensors"
+        )
     return None
 
 

@@ -21,6 +21,10 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Autotuning compiles and times 16 configurations of every kernel for every new shape: minutes on
+# a machine with an empty Triton cache. RESNET_FAST_TRITON_AUTOTUNE=0 takes fixed blocks instead
+# (the interpreter always does); bench/gpu_check.py sets it unless asked to autotune.
+AUTOTUNE = not INTERPRET and os.environ.get("RESNET_FAST_TRITON_AUTOTUNE", "1") != "0"
 
 # Rows per program of a reduction are a multiple of the largest BLOCK_M, so that the number of
 # partials does not depend on the configuration autotuning picks.
@@ -35,16 +39,18 @@ def _configs() -> list[triton.Config]:
 
 
 def _tuned(fn, key):
-    """Autotuned on a GPU; fixed blocks under the interpreter (the launcher passes them)."""
-    if INTERPRET:
+    """Autotuned on a GPU; fixed blocks under the interpreter or without AUTOTUNE (the launcher
+    passes them)."""
+    if not AUTOTUNE:
         return fn
     return triton.autotune(configs=_configs(), key=key)(fn)
 
 
 def _interpret_blocks(x: Tensor) -> dict:
-    if not INTERPRET:
+    """The fixed blocks where nothing is autotuned (else {}): channels_last tiles wide in the
+    channels, NCHW tiles long in the rows (the interpreter's cost is per program, so large)."""
+    if AUTOTUNE:
         return {}
-    # Large tiles: the interpreter's cost is per program.
     return {"BLOCK_M": 64, "BLOCK_C": 32} if _is_cl(x) else {"BLOCK_M": 256, "BLOCK_C": 8}
 
 
