@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models._api import WeightsEnum
 
-from .. import _routing, checkpoint
+from .. import _routing
 from ..nn.blocks import BasicBlock, Bottleneck
 
 
@@ -69,8 +69,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"could not read weights from {os.fspath(path)!r}: {exc}") from exc
-    if isinstance(obj, Mapping) and obj.get("format") == checkpoint.FORMAT:
-        obj = checkpoint.Checkpoint.from_dict(dict(obj), os.fspath(path)).model  # a resnet_fast.train checkpoint
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        # A training checkpoint: ours (resnet_fast.checkpoint.Checkpoint, whose weights are its
+        # "model") or one of torchvision's reference scripts ({"model": ..., "optimizer": ...}).
+        obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"{os.fspath(path)!r} holds no state_dict (a mapping of names to tensors)")
     return dict(obj)
