@@ -76,7 +76,7 @@ def pytest_terminal_summary(terminalreporter):
     if RESULTS_MEMORY:
         tr.section("resnet_fast: peak memory growth of 3 training steps (MiB, fresh process each)")
         for name, peaks in RESULTS_MEMORY:
-            tr.write_line(f"{name:<44} " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+            tr.write_line(f"{name:<44} " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()))
     if not RESULTS:
         return
     tr.section("resnet_fast: speed-up over each baseline (median of interleaved pairs)")
