@@ -50,7 +50,7 @@ from . import _backend
 
 def formulas_only() -> bool:
     """True while the model is being captured for another runtime: torch.jit.trace (and the
-    TorchScript-based ONNX exporter), torch.export (and the default ONNX exporter), torch.fx
+    TorchScript-based ONNX exporter, which traces), torch.export (and the default ONNX exporter), torch.fx
     symbolic tracing (torchvision's feature extraction). The modules then run the formulas, in
     torchvision's order of module calls, so the captured graph holds PyTorch's own ops only (Conv,
     BatchNorm, ReLU, Add): it is torchvision's graph, and it runs wherever torchvision's does,
@@ -58,10 +58,12 @@ def formulas_only() -> bool:
     ``forward`` branches on ``torch.jit.is_scripting()``.)"""
     if torch.compiler.is_compiling():  # torch.compile (fused ops traced) or torch.export
         return torch.compiler.is_exporting()
+    # (No torch.onnx.is_in_onnx_export(): its ONNX exporter traces with torch.jit, seen above, its
+    # dynamo exporter with torch.export; and in torch 2.14 the call imports the exporter's
+    # package, 2 MiB, at a training step's first BatchNorm.)
     return (
         is_fx_symbolic_tracing()
         or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
         # The whole of torch.jit.trace(module, ...), whose check re-runs the Python forward outside
         # the trace and compares it with the traced graph: it must run the same formulas.
         or getattr(torch.jit._trace, "_trace_module_map", None) is not None

@@ -228,6 +228,26 @@ def test_batches(dataset: str, data_dir: str | None, resize_size, crop_size, who
     return len(test), tensor_batches(test, D.shard(len(test), rank, world_size), batch_size), len(test.classes)
 
 
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, D.Normalizer, str, str, int]:
+    """(model, normalizer, arch, dataset, classes) from --checkpoint (which carries its mean image
+    and dataset) or from --weights (normalised as torchvision's weights expect)."""
+    if args.checkpoint:
+        ckpt = Checkpoint.load(args.checkpoint)
+        if args.arch and args.arch != ckpt.arch:
+            raise UsageError(f"--arch {args.arch} does not match the checkpoint, which holds {ckpt.arch}")
+        dataset = args.dataset or (ckpt.config or {}).get("dataset", "imagefolder")
+        normalizer = D.Normalizer.from_state_dict(ckpt.normalizer)
+        return ckpt.build_model(args.checkpoint), normalizer, ckpt.arch, dataset, int(ckpt.num_classes)
+    if not args.arch:
+        raise UsageError("--weights needs --arch (one of " + ", ".join(IMAGENET_ARCHS) + ")")
+    try:
+        model = get_model(args.arch, weights=args.weights)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    normalizer = D.Normalizer(torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD))
+    return model, normalizer, args.arch, args.dataset or "imagefolder", model.fc.out_features
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = pick_device(args.device)
@@ -238,27 +258,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
-    if args.checkpoint:
-        ckpt = Checkpoint.load(args.checkpoint)
-        if args.arch and args.arch != ckpt.arch:
-            raise UsageError(f"--arch {args.arch} does not match the checkpoint, which holds {ckpt.arch}")
-        arch = ckpt.arch
-        model = ckpt.build_model(args.checkpoint)
-        normalizer = D.Normalizer.from_state_dict(ckpt.normalizer)
-        dataset = args.dataset or (ckpt.config or {}).get("dataset", "imagefolder")
-        num_classes = int(ckpt.num_classes)
-    else:
-        if not args.arch:
-            raise UsageError("--weights needs --arch (one of " + ", ".join(IMAGENET_ARCHS) + ")")
-        arch = args.arch
-        try:
-            model = get_model(arch, weights=args.weights)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
-            raise UsageError(str(exc)) from exc
-        normalizer = D.Normalizer(torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD))
-        dataset = args.dataset or "imagefolder"
-        num_classes = model.fc.out_features
-
+    model, normalizer, arch, dataset, num_classes = load_model(args)
     imagenet_like = dataset == "imagefolder"
     resize_size = args.resize_size or (256 if imagenet_like else None)
     crop_size = args.crop_size or (224 if imagenet_like else None)

@@ -131,3 +131,15 @@ def test_auto_prefers_triton_for_cuda_tensors():
     if resnet_fast._backend.cuda_kernels_built():
         resnet_fast.set_backend("cuda")
         assert resnet_fast._routing.impl_for("batch_norm_act", x.device) == "cuda"
+
+
+@pytest.mark.skipif(not resnet_fast._backend.triton_available(), reason=f"Triton cannot run: {resnet_fast._backend.triton_error()}")
+def test_triton_ops_have_the_cpp_schemas():
+    """The Triton ops take their schemas from the C++ library (csrc/ops.cpp), not a copy."""
+    from resnet_fast import triton as rf_triton
+
+    for op in rf_triton.LAUNCHERS:
+        cpp = str(getattr(torch.ops.resnet_fast, op).default._schema)
+        tri = str(getattr(torch.ops.resnet_fast_triton, op).default._schema)
+        assert tri == cpp.replace("resnet_fast::", "resnet_fast_triton::"), op
+        assert hasattr(torch.ops.resnet_fast, f"check_{op}"), f"{op} has no C++ argument check for the Triton launcher"

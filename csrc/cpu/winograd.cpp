@@ -17,10 +17,9 @@
 // in cache; wide ones (C >= 256, few tiles) run chunks of tiles one after another, with the
 // transforms and the products each parallel (V and M at most 8 MB).
 #include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
-#include <ATen/ops/matmul.h>
-#include <ATen/ops/tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -154,22 +153,38 @@ at::Tensor winograd_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 && weight.is_floating_point(),
               "winograd_weight: expected a floating-point (K, C, 3, 3) weight, got ", weight.scalar_type(), " ",
               weight.sizes());
-  // The 16 x 9 matrix taking a kernel's 9 taps (3r + s) to its 16 transformed values (4i + j):
-  // G[i][r] * G[j][s], G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1] (exact in binary). The sums
-  // run in double and round once to float32, so inference's cached transform and training's per-call
-  // one are the same bits.
+  // U = G g G^T per (k, c), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1] (exact in binary), summed in
+  // double and rounded once to float32: inference's cached transform and training's per-call one are
+  // the same bits. Written straight into U's (16, C, K) layout, with no intermediate tensors
+  // (training transforms 256 x 256 weights at every call; a matmul in double took 20 MB more).
   static const double G[4][3] = {{1., 0., 0.}, {.5, .5, .5}, {.5, -.5, .5}, {0., 0., 1.}};
-  std::vector<double> t(16 * 9);
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j)
-      for (int r = 0; r < 3; ++r)
-        for (int s = 0; s < 3; ++s) t[(4 * i + j) * 9 + 3 * r + s] = G[i][r] * G[j][s];
-  const auto f64 = weight.options().dtype(at::kDouble);
-  const at::Tensor transform = at::tensor(t, f64).view({16, 9});
   const int64_t K = weight.size(0), C = weight.size(1);
-  // (9, C*K): tap-major, then c, then k, so that the product is U's own (16, C, K) layout.
-  const at::Tensor taps = weight.to(at::kDouble).permute({2, 3, 1, 0}).reshape({9, C * K});
-  return at::matmul(transform, taps).view({16, C, K}).to(at::kFloat);
+  at::Tensor U = at::empty({16, C, K}, weight.options().dtype(at::kFloat));
+  float* u = U.mutable_data_ptr<float>();
+  const int64_t sK = weight.stride(0), sC = weight.stride(1), sR = weight.stride(2), sS = weight.stride(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "winograd_weight", [&] {
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* g = w + k * sK + c * sC;
+          double t[4][3];  // G g
+          for (int i = 0; i < 4; ++i)
+            for (int s = 0; s < 3; ++s) {
+              double v = 0;
+              for (int r = 0; r < 3; ++r) v += G[i][r] * static_cast<double>(g[r * sR + s * sS]);
+              t[i][s] = v;
+            }
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) {
+              double v = 0;
+              for (int s = 0; s < 3; ++s) v += t[i][s] * G[j][s];
+              u[((4 * i + j) * C + c) * K + k] = static_cast<float>(v);
+            }
+        }
+    });
+  });
+  return U;
 }
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {

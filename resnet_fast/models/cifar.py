@@ -14,8 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .. import _routing
-from ..nn.blocks import SHORTCUTS, BasicBlock, make_shortcut
+from ..nn.blocks import SHORTCUTS, BasicBlock, FusedModule, make_shortcut
 from ..nn.functional import conv_bn_act, run_owning_residuals
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
 
@@ -35,7 +34,7 @@ __all__ = [
 ]
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(FusedModule):
     """ResNet (or plain net, ``residual=False``) of ``depth = 6n + 2`` layers for 32x32 images.
 
     Args:
@@ -95,16 +94,7 @@ class CifarResNet(nn.Module):
             zero_init_last_bn(self)
         choose_layout(self)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # The formula where the model is being scripted or captured, see resnet_fast.nn.blocks.
-        if torch.jit.is_scripting():
-            return self._forward_formula(x)
-        return self._forward_fused(x)
-
-    @torch.jit.unused
     def _forward_fused(self, x: Tensor) -> Tensor:
-        if _routing.formulas_only():
-            return self._forward_formula(x)
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
         x = to_internal_layout(x, self.conv1)
         x = conv_bn_act(x, self.conv1, self.bn1)

@@ -21,8 +21,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models._api import WeightsEnum
 from torchvision.models._utils import _ovewrite_named_param
 
-from .. import _routing
-from ..nn.blocks import SHORTCUTS, BasicBlock, Bottleneck, MaxPool2d, make_shortcut
+from ..nn.blocks import SHORTCUTS, BasicBlock, Bottleneck, FusedModule, MaxPool2d, make_shortcut
 from ..nn.functional import conv_bn_act, run_owning_residuals
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
 
@@ -43,7 +42,7 @@ __all__ = [
 ]
 
 
-class ResNet(nn.Module):
+class ResNet(FusedModule):
     """The ImageNet ResNet (He et al. 2015, Table 1), with torchvision's constructor.
 
     Args:
@@ -166,17 +165,7 @@ class ResNet(nn.Module):
             )
         return nn.Sequential(*layers)
 
-    def _forward_impl(self, x: Tensor) -> Tensor:
-        # The formula (torchvision's forward) where the model is being scripted or captured, see
-        # resnet_fast.nn.blocks.
-        if torch.jit.is_scripting():
-            return self._forward_formula(x)
-        return self._forward_fused(x)
-
-    @torch.jit.unused
     def _forward_fused(self, x: Tensor) -> Tensor:
-        if _routing.formulas_only():
-            return self._forward_formula(x)
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
         x = to_internal_layout(x, self.conv1)
         x = conv_bn_act(x, self.conv1, self.bn1)
@@ -205,9 +194,6 @@ class ResNet(nn.Module):
         x = torch.flatten(x, 1)
         x = self.fc(x)
         return x
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._forward_impl(x)
 
 
 def _resnet(

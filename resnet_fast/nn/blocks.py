@@ -1,11 +1,12 @@
 """The building blocks of the paper's networks, with torchvision's module names and
 state_dict keys, running the fused ops.
 
-Each module's ``forward`` has two bodies: the fused one, and the formula, which calls the
-submodules in torchvision's order (``_forward_formula``: torchvision's own forward). The formula
-runs where the model is being captured for another runtime (:func:`resnet_fast._routing.formulas_only`:
-torch.jit.trace, torch.export, ONNX export, torch.fx) and is what ``torch.jit.script`` compiles, so
-that a captured model holds PyTorch's ops only and runs without resnet_fast.
+Each module has two bodies (:class:`FusedModule`): the fused one, and the formula, which calls
+the submodules in torchvision's order (``_forward_formula``: torchvision's own forward). The
+formula runs where the model is being captured for another runtime
+(:func:`resnet_fast._routing.formulas_only`: torch.jit.trace, torch.export, ONNX export, torch.fx)
+and is what ``torch.jit.script`` compiles, so that a captured model holds PyTorch's ops only and
+runs without resnet_fast.
 """
 
 from __future__ import annotations
@@ -20,6 +21,24 @@ from .. import _routing, ops
 from .functional import conv_bn_act
 
 
+class FusedModule(nn.Module):
+    """A module with two bodies: ``_forward_fused`` (the fused ops) and ``_forward_formula``
+    (PyTorch's own modules in torchvision's order). The formula runs under ``torch.jit.script``,
+    which compiles it alone, and wherever :func:`resnet_fast._routing.formulas_only` says the model is
+    being captured for another runtime."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_formula(x)
+        return self._forward_unless_captured(x)
+
+    @torch.jit.unused
+    def _forward_unless_captured(self, x: Tensor) -> Tensor:
+        if _routing.formulas_only():
+            return self._forward_formula(x)
+        return self._forward_fused(x)
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding (no bias: a BatchNorm follows)."""
     return nn.Conv2d(
@@ -32,7 +51,7 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
-class ZeroPadShortcut(nn.Module):
+class ZeroPadShortcut(FusedModule):
     """The paper's option-A shortcut (section 3.3): identity subsampled by ``stride``, with the
     ``out_channels - in_channels`` extra channels filled with zeros. Parameter-free."""
 
@@ -44,15 +63,7 @@ class ZeroPadShortcut(nn.Module):
             raise ValueError(f"ZeroPadShortcut: expected stride >= 1, got {stride}")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_formula(x)
-        return self._forward_fused(x)
-
-    @torch.jit.unused
     def _forward_fused(self, x: Tensor) -> Tensor:
-        if _routing.formulas_only():
-            return self._forward_formula(x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ZeroPadShortcut: expected an input of shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
@@ -104,7 +115,7 @@ def shortcut_of(downsample: nn.Module | None, x: Tensor) -> tuple[Tensor, int]:
     return downsample(x), 1
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(FusedModule):
     """Two 3x3 convolutions (Fig. 2 left); ``residual=False`` gives the plain nets' block."""
 
     expansion: int = 1
@@ -140,15 +151,7 @@ class BasicBlock(nn.Module):
         self.stride = stride
         self.residual = residual
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_formula(x)
-        return self._forward_fused(x)
-
-    @torch.jit.unused
     def _forward_fused(self, x: Tensor) -> Tensor:
-        if _routing.formulas_only():
-            return self._forward_formula(x)
         out = conv_bn_act(x, self.conv1, self.bn1)
         if not self.residual:
             return conv_bn_act(out, self.conv2, self.bn2)
@@ -170,7 +173,7 @@ class BasicBlock(nn.Module):
         return out
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(FusedModule):
     """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right).
 
     torchvision (ResNet v1.5) puts the stride on the 3x3 convolution; the paper puts it on the
@@ -210,15 +213,7 @@ class Bottleneck(nn.Module):
         self.stride = stride
         self.residual = residual
 
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_formula(x)
-        return self._forward_fused(x)
-
-    @torch.jit.unused
     def _forward_fused(self, x: Tensor) -> Tensor:
-        if _routing.formulas_only():
-            return self._forward_formula(x)
         out = conv_bn_act(x, self.conv1, self.bn1)
         out = conv_bn_act(out, self.conv2, self.bn2)
         if not self.residual:

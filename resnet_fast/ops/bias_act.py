@@ -53,7 +53,8 @@ def register(ns: str) -> None:
             grad_residual = dz
             if ctx.residual_shape != tuple(dz.shape):
                 grad_residual = ops.zero_pad_shortcut_backward(dz, list(ctx.residual_shape), ctx.residual_stride)
-        grad_bias = dz.sum((0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        acc = torch.float64 if dz.dtype == torch.float64 else torch.float32  # (float32 sums for half types)
+        grad_bias = dz.sum((0, 2, 3), dtype=acc).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
         return dz, grad_bias, grad_residual, None, None
 
     torch.library.register_autograd(f"{ns}::bias_act", backward, setup_context=setup_context)

@@ -44,6 +44,8 @@ def test_opcheck_and_gradients(impl):
     torch.library.opcheck(ops.bias_act, (x, b, r, 2, True))
     torch.library.opcheck(ops.bias_act, (x.float(), b.float(), None, 1, False))
     assert torch.autograd.gradcheck(lambda x, b, r: ops.bias_act(x, b, r, 2, True), (x, b, r), fast_mode=True)
+    # Double backward (a gradient penalty through an inference-folded block).
+    assert torch.autograd.gradgradcheck(lambda x, b, r: ops.bias_act(x, b, r, 2, True), (x, b, r), fast_mode=True)
 
 
 @pytest.mark.parametrize(

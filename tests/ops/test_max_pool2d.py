@@ -78,6 +78,7 @@ def test_gradcheck():
     # Inference is what the op is for; a gradient still comes out right (through PyTorch's argmax).
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: torch.ops.resnet_fast.max_pool2d(t, [3, 3], [2, 2], [1, 1]), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.resnet_fast.max_pool2d(t, [3, 3], [2, 2], [1, 1]), (x,))
 
 
 def _ran_our_kernel(fn) -> bool:
