@@ -52,15 +52,15 @@ BUDGETS = {"machine": 20, "ceilings": 30, "build": 150, "tests": 125, "bench": 1
 TEST_GROUPS = [
     ("cuda kernels", ["tests/ops", "-k", "cuda"], 25, {}),
     ("triton kernels", ["tests/ops", "-k", "triton"], 40, {}),
-    ("networks on the GPU", ["tests/models/test_gpu_backends.py"], 50, {}),
-    ("backend and build", ["tests/test_backend.py", "tests/test_build.py"], 10, {}),
+    ("networks on the GPU", ["tests/models/test_gpu_backends.py"], 40, {}),
+    ("backend and build", ["tests/test_backend.py", "tests/test_build.py"], 20, {}),  # (5 fresh interpreters)
 ]
 # A rehearsal runs the Triton kernels in the interpreter: a share of their tests.
 REHEARSAL_TEST_GROUPS = [
     ("cuda kernels", ["tests/ops", "-k", "cuda"], 25, {}),
     ("triton kernels", ["tests/ops/test_zero_pad_shortcut.py", "tests/ops/test_bias_act.py", "-k", "triton"], 40, {}),
-    ("networks on the GPU", ["tests/models/test_gpu_backends.py", "-k", "not resnet18"], 50, {}),
-    ("backend and build", ["tests/test_backend.py", "tests/test_build.py"], 10, {}),
+    ("networks on the GPU", ["tests/models/test_gpu_backends.py", "-k", "not resnet18"], 40, {}),
+    ("backend and build", ["tests/test_backend.py", "tests/test_build.py"], 40, {}),  # (5 fresh interpreters, 2 cores)
 ]
 BENCH_GROUPS = [
     ("networks vs eager", ["bench/test_gpu.py", "-k", "resnet50 or resnet20"], 60, {"RESNET_FAST_BENCH_COMPILE": "0"}),
