@@ -180,6 +180,10 @@ _AVX512 = CPU_CAPABILITY == "AVX512"
 # and 1.07-1.33x on a 2-core Zen 4 (AVX-512) (bench/test_ops.py); at 16 channels oneDNN is faster.
 # Both counts must be multiples of 8 (the transforms' vectors).
 WINOGRAD_MIN_CHANNELS = 64
+# Below this many 2x2 output tiles (N * ceil(H/2) * ceil(W/2)) the 16 products are too thin for the
+# GEMM: a 512-channel 7x7 map at batch 1 (16 tiles) took 1.18x oneDNN's time, while 49 tiles
+# (256 channels, 14x14, batch 1) took 0.64x and 128 (512, 7x7, batch 8) 0.93x (Zen 4, 2026-12-01).
+WINOGRAD_MIN_TILES = 32
 # Training transforms the weight at every call (it changes at every step); at 512 x 512 channels
 # that transform (16 MB, plus 9 MB of reordered taps) put ResNet-50's training peak memory above
 # eager's, so training's Winograd stops at C * K = 256 * 256. Inference transforms once (cached).
@@ -315,6 +319,7 @@ def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | N
             and conv.dilation == (1, 1)
             and conv.groups == 1
             and conv.stride == (1, 1)
+            and x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2) >= WINOGRAD_MIN_TILES
             and impl_for("conv3x3_bias_act", x.device) == "cpu"
             and winograd_applies(conv.in_channels, conv.out_channels, 1, training=False)
         )

@@ -120,9 +120,11 @@ def _count(model, x, name):
 
 def test_resnet50_inference_runs_its_wide_3x3_convolutions_here():
     model = resnet_fast.ResNet50().eval()
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(8, 3, 128, 128)
     # The stride-1 3x3s: 3 in layer1, 3 of layer2's 4 (its first has stride 2), 5 of 6, 2 of 3.
     assert _count(model, x, "resnet_fast::conv3x3_bias_act") == 13
+    # At batch 2 layer4's 4x4 maps have 8 tiles, below _routing.WINOGRAD_MIN_TILES: oneDNN's.
+    assert _count(model, torch.randn(2, 3, 128, 128), "resnet_fast::conv3x3_bias_act") == 11
     with resnet_fast.use_backend("eager"):
         assert _count(model, x, "resnet_fast::conv3x3_bias_act") == 0
     model.train()  # training: the convolutions with BatchNorm unfolded
