@@ -176,23 +176,30 @@ _AVX512 = CPU_CAPABILITY == "AVX512"
 
 # Winograd F(2x2, 3x3) (16 multiplies per 2x2 outputs and input channel instead of 36) runs the
 # stride-1 3x3 convolutions with this many channels or more in and out faster than oneDNN's direct
-# convolution: in inference, ResNet-50's 3x3s at batch 8 by 1.27-1.71x on a 2-core Zen 3 (AVX2)
-# and 1.07-1.33x on a 2-core Zen 4 (AVX-512) (bench/test_ops.py); at 16 channels oneDNN is faster.
-# Both counts must be multiples of 8 (the transforms' vectors).
+# convolution: in inference, ResNet-50's 3x3s at batch 8 by 1.27-1.71x on a 2-core Zen 3 (AVX2),
+# 1.07-1.33x on a 2-core Zen 4 (AVX-512) and 1.43-1.57x on a 2-core Xeon (AVX-512, two FMA units;
+# oneDNN at 300-350 GFLOP/s there) (bench/test_ops.py); at 16 channels oneDNN is faster. Both
+# counts must be multiples of 8 (the transforms' vectors).
 WINOGRAD_MIN_CHANNELS = 64
 # Below this many 2x2 output tiles (N * ceil(H/2) * ceil(W/2)) the 16 products are too thin for the
-# GEMM: a 512-channel 7x7 map at batch 1 (16 tiles) took 1.18x oneDNN's time, while 49 tiles
-# (256 channels, 14x14, batch 1) took 0.64x and 128 (512, 7x7, batch 8) 0.93x (Zen 4, 2026-12-01).
+# GEMM and the transformed weight (16/9 of the direct one) is read for little work: a 512-channel
+# 7x7 map at batch 1 (16 tiles) took 1.18x oneDNN's time on the Zen 4, while 49 tiles (256
+# channels, 14x14, batch 1) took 0.64x. On the Xeon that layer alone was 1.07-1.12x faster by
+# Winograd, but inside ResNet-18 at batch 1 (its 17 MB transformed weight no longer in cache) it
+# took 1.6 ms against ~1.1 ms direct, and the network ran 16.3-16.9 ms with it against 16.0-16.3
+# without (2026-12-01).
 WINOGRAD_MIN_TILES = 32
 # Training transforms the weight at every call (it changes at every step); at 512 x 512 channels
 # that transform (16 MB, plus 9 MB of reordered taps) put ResNet-50's training peak memory above
 # eager's, so training's Winograd stops at C * K = 256 * 256. Inference transforms once (cached).
 WINOGRAD_TRAIN_MAX_WEIGHTS = 256 * 256
-# Where oneDNN has AVX-512, training's Winograd (with its per-call weight transform) pays on maps of
-# 14x14 and more only: forward / input gradient against oneDNN's on the Zen 4, (16, 64, 56, 56)
-# 0.78 / 0.78 of the time, (16, 128, 28, 28) 0.70 / 0.69, (16, 256, 14, 14) 0.88 / 0.77, but
-# ResNet-20's (128, 64, 8, 8) 1.08 / 0.98 (2026-12-01). On AVX2 it paid there too (1.22-1.24x).
-WINOGRAD_TRAIN_AVX512_MIN_MAP = 14
+# Where oneDNN has AVX-512, training's Winograd (with its per-call weight transform) needs maps of
+# this side or more. On the Zen 4 (before the transforms' scratch was laid out against cache-set
+# conflicts) it paid from 14x14 only: ResNet-20's (128, 64, 8, 8) forward / input gradient took
+# 1.08 / 0.98 of oneDNN's time. Since then, on the Xeon, fwd+bwd against ATen's: (128, 64, 8, 8)
+# 1.25x, (16, 64, 56, 56) 1.23x, (16, 128, 28, 28) 1.17x, (16, 256, 14, 14) 1.07x; a ResNet-20
+# step 206-210 ms against 210-219 with 14 (2026-12-01). On AVX2 it paid everywhere (1.22-1.24x).
+WINOGRAD_TRAIN_AVX512_MIN_MAP = 8
 # Our AVX2 weight gradient (csrc/cpu/conv3x3_train.cpp): a vector of 8 input channels lies within
 # one tap (C % 8 == 0), the register tile holds 4 output channels (K % 4 == 0), and beyond 128
 # input channels the tiles sweep too few pixels per load of their accumulators: oneDNN's is faster
@@ -204,17 +211,23 @@ WINOGRAD_TRAIN_AVX512_MIN_MAP = 14
 WEIGHT_GRAD_MAX_CHANNELS = 128
 
 
+def _is_3x3_pad1(conv: nn.Module) -> bool:
+    return (
+        conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
 def is_conv3x3(conv: nn.Module) -> bool:
     """A plain ``nn.Conv2d`` of the residual nets' 3x3 kind: padding 1, no bias, dilation 1, one
     group, zero padding, the same stride (1 or 2) both ways."""
     return (
         type(conv) is nn.Conv2d
-        and conv.kernel_size == (3, 3)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
+        and _is_3x3_pad1(conv)
         and conv.bias is None
-        and conv.padding_mode == "zeros"
         and conv.stride in ((1, 1), (2, 2))
     )
 
@@ -279,14 +292,6 @@ def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int) -> Conv3x3Plan | 
     return plan if any(plan) else None
 
 
-def module_conv3x3_plan(x: Tensor, conv: nn.Module) -> Conv3x3Plan | None:
-    """:func:`conv3x3_train_plan` for a module (None unless :func:`is_conv3x3`, and where it
-    :func:`steps_aside`)."""
-    if not is_conv3x3(conv) or steps_aside(conv):
-        return None
-    return conv3x3_train_plan(x, conv.weight, conv.stride[0])
-
-
 def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | None:
     """How a convolution followed by its BatchNorm runs in inference, with BatchNorm folded into
     the convolution's weights (cached), or None where folding does not apply (training, anything
@@ -314,10 +319,7 @@ def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | N
     impl = impl_for("batch_norm_act", x.device)
     if impl == "cpu" and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last):
         winograd = (
-            conv.kernel_size == (3, 3)
-            and conv.padding == (1, 1)
-            and conv.dilation == (1, 1)
-            and conv.groups == 1
+            _is_3x3_pad1(conv)
             and conv.stride == (1, 1)
             and x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2) >= WINOGRAD_MIN_TILES
             and impl_for("conv3x3_bias_act", x.device) == "cpu"

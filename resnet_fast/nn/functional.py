@@ -64,8 +64,10 @@ def bn_act(
 
 def _conv(x: Tensor, conv: nn.Module) -> Tensor:
     """``conv(x)``; the residual nets' 3x3 convolutions in training go through
-    ``resnet_fast::conv3x3_train`` where :func:`resnet_fast._routing.module_conv3x3_plan` has a plan."""
-    plan = _routing.module_conv3x3_plan(x, conv)
+    ``resnet_fast::conv3x3_train`` where :func:`resnet_fast._routing.conv3x3_train_plan` has a plan."""
+    if not _routing.is_conv3x3(conv) or _routing.steps_aside(conv):
+        return conv(x)
+    plan = _routing.conv3x3_train_plan(x, conv.weight, conv.stride[0])
     if plan is None:
         return conv(x)
     return torch.ops.resnet_fast.conv3x3_train(x, conv.weight, conv.stride[0], plan.winograd, plan.weight_grad_kernel)

@@ -51,13 +51,14 @@ def kernel_takes(c, k):
     return c % 8 == 0 and k % 4 == 0
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+# Our kernel takes C % 8 == 0 and K % 4 == 0 only (test_bad_input_is_refused_clearly); ATen's every shape.
+WEIGHT_GRAD_CASES = [(s, True) for s in SHAPES if kernel_takes(s[1], s[4])] + [(s, False) for s in SHAPES]
+
+
+@pytest.mark.parametrize("shape, kernel", WEIGHT_GRAD_CASES, ids=lambda v: "ours" if v is True else "aten" if v is False else str(v))
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "noncontiguous"])
-@pytest.mark.parametrize("kernel", [True, False], ids=["ours", "aten"])
 def test_weight_grad_matches_formula(shape, layout, kernel):
     n, c, h, w, k, stride = shape
-    if kernel and not kernel_takes(c, k):
-        pytest.skip("our kernel takes C % 8 == 0 and K % 4 == 0 (test_bad_input_is_refused_clearly)")
     x = make_input((n, c, h, w), torch.float32, layout)
     oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
     grad_out = make_input((n, k, oh, ow), torch.float32, layout)
@@ -143,18 +144,17 @@ def test_forward_refuses_what_it_cannot_run():
         torch.ops.resnet_fast.conv3x3_train(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3), 2, True, False)
 
 
-PLANS = [(False, False), (False, True), (True, False), (True, True)]  # (winograd, weight_grad_kernel)
+PLANS = {"aten": (False, False), "our-wgrad": (False, True), "winograd": (True, False), "winograd+our-wgrad": (True, True)}
+# (plan, stride): Winograd runs stride 1 only.
+PLAN_CASES = [pytest.param(p, s, id=f"{name}-s{s}") for name, p in PLANS.items() for s in (1, 2) if not (p[0] and s != 1)]
 
 
-@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("plan, stride", PLAN_CASES)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("input_grad", [True, False])  # False: the stem, whose input is the batch
 @pytest.mark.parametrize("channels", [(16, 32), (64, 72)])
-@pytest.mark.parametrize("plan", PLANS, ids=["aten", "our-wgrad", "winograd", "winograd+our-wgrad"])
 def test_autograd_matches_pytorch(stride, layout, input_grad, channels, plan):
     c, k = channels
-    if plan[0] and stride != 1:
-        pytest.skip("Winograd runs stride 1 only")
     x = make_input((4, c, 10, 9), torch.float32, layout, requires_grad=input_grad)
     w = make_input((k, c, 3, 3), torch.float32, layout, requires_grad=True)
     y = torch.ops.resnet_fast.conv3x3_train(x, w, stride, *plan)
@@ -184,7 +184,7 @@ def test_the_op_runs_the_plan_it_is_given():
 @pytest.mark.parametrize("avx512", [False, True], ids=["AVX2 CPU", "AVX-512 CPU"])
 def test_training_plans(monkeypatch, avx512):
     """The routing's rules (resnet_fast._routing): Winograd on wide stride-1 maps (on AVX-512 CPUs
-    only from 14x14 maps: oneDNN's AVX-512 convolutions are faster on smaller ones), never past
+    only from 8x8 maps: oneDNN's AVX-512 convolutions are faster on smaller ones), never past
     256 x 256 channels in training; our weight gradient on AVX2-only CPUs, up to 128 input channels."""
     monkeypatch.setattr(_routing, "_AVX512", avx512)
 
@@ -194,7 +194,8 @@ def test_training_plans(monkeypatch, avx512):
 
     assert plan(2, 64, 56, 64) == (True, not avx512)
     assert plan(2, 256, 14, 256) == (True, False)
-    assert plan(2, 64, 8, 64) == (None if avx512 else (True, True))
+    assert plan(2, 64, 8, 64) == (True, not avx512)
+    assert plan(2, 64, 4, 64) == (None if avx512 else (True, True))
     assert plan(2, 512, 7, 512) is None  # 512 x 512: the per-call transform's memory; 512 > 128 for ours
     assert plan(2, 16, 32, 16) == (None if avx512 else (False, True))
     assert plan(2, 16, 32, 32, stride=2) == (None if avx512 else (False, True))
@@ -220,7 +221,7 @@ def test_gradgradcheck():
 
 
 @pytest.mark.parametrize("c", [8, 64])
-@pytest.mark.parametrize("plan", PLANS, ids=["aten", "our-wgrad", "winograd", "winograd+our-wgrad"])
+@pytest.mark.parametrize("plan", list(PLANS.values()), ids=list(PLANS))
 def test_double_backward_matches_pytorch_in_float32(c, plan):
     def penalty(conv, x, w):
         (gw,) = torch.autograd.grad(conv(x, w).square().sum(), w, create_graph=True)
@@ -270,8 +271,13 @@ def test_models_route_their_3x3_convolutions_as_planned(monkeypatch, avx512):
     model = resnet_fast.get_model("resnet20")
     x = torch.randn(4, 3, 32, 32)
     names = op_names(lambda: model(x).sum().backward())
-    if avx512:  # no plan pays at ResNet-20's sizes: PyTorch's convolutions
-        assert names.count("resnet_fast::conv3x3_train") == 0
+    if avx512:
+        # Winograd only: the 5 stride-1 64-channel convolutions of the last stage (8x8 maps),
+        # forward and input gradient, their weight gradients by ATen's (through our op's call);
+        # the narrower stages are PyTorch's convolutions.
+        assert names.count("resnet_fast::conv3x3_train") == 5 + 5
+        assert names.count("resnet_fast::conv3x3_weight_grad") == 5
+        assert names.count("aten::convolution_backward") >= 19 - 5
     else:
         # Every 3x3 convolution after the stem (whose 3 input channels our weight gradient does not
         # take: no plan, PyTorch's convolution) forward, and again for the input gradient of the 16
