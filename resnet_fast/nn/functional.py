@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _routing, ops
+from .. import _memory, _routing, ops
 
 
 def _unfused_bn_act(x: Tensor, bn: nn.Module, residual: Tensor | None, relu: bool, residual_stride: int) -> Tensor:
@@ -93,6 +93,8 @@ def _folded_weights(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, path: str) -
     hit = _FOLDED.get(conv)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
+    if x.device.type == "cpu":
+        _memory.keep_freed_memory()  # once per process: the next forwards' buffers reuse this one's
     with torch.no_grad():
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         bias = bn.bias - bn.running_mean * scale
