@@ -30,17 +30,24 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def _time(fn) -> float:
+def _time(fn, settle: int = 0) -> float:
+    for _ in range(settle):
+        fn()
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
 def compare(benchmark, name: str, items: int, candidate, baselines: dict, pairs: int = 5, rounds: int = 3,
-            extra: dict | None = None) -> dict:
+            extra: dict | None = None, settle: int = 0) -> dict:
     """Benchmarks ``candidate`` and records ``candidate`` vs each baseline, interleaved.
 
     items: images (or elements) per call, for the throughput column.
+    settle: untimed calls before each timed one, for baselines with thread pools of their own:
+    a runtime's idle threads spin after its call (ONNX Runtime's by default, OpenMP's too) and
+    slow whatever runs next on the same cores (ResNet-18 batch 1 right after an ONNX Runtime
+    call: 38.8 ms, alone 17.2 ms, on 2 cores), so each timed call follows one of its own, as it
+    would in a process that serves with that runtime alone.
     extra: more fields for the row (e.g. ``bytes``, the traffic model's bytes per call, from which
     the row gets the achieved ``gb_per_s``). With ``RESNET_FAST_BENCH_JSONL`` set, each row is
     also appended to that file as it is measured (bench/gpu_check.py reads it).
@@ -52,10 +59,10 @@ def compare(benchmark, name: str, items: int, candidate, baselines: dict, pairs:
     ratios = {b: [] for b in baselines}
     cand_times = []
     for _ in range(pairs):
-        t = _time(candidate)
+        t = _time(candidate, settle)
         cand_times.append(t)
         for b, fn in baselines.items():
-            ratios[b].append(_time(fn) / t)
+            ratios[b].append(_time(fn, settle) / t)
     speedups = {b: statistics.median(r) for b, r in ratios.items()}
     seconds = statistics.median(cand_times)
     row = {"name": name, "items_per_s": items / seconds, "seconds": seconds, "speedups": speedups, **(extra or {})}

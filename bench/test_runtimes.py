@@ -2,7 +2,8 @@
 (opset 17) and run by ONNX Runtime (CPU execution provider, all graph optimisations, intra-op
 threads = this process's torch threads) and OpenVINO (CPU, PERFORMANCE_HINT LATENCY, f32), the
 same weights and input, outputs checked against torchvision before timing, interleaved with
-resnet_fast (``model.eval()`` under ``torch.inference_mode()``). Also reported: resnet_fast's first
+resnet_fast (``model.eval()`` under ``torch.inference_mode()``), each timed call after an untimed
+one of its own (the runtimes' spinning threads would otherwise slow the next one's call). Also reported: resnet_fast's first
 call (folding, prepacking, weight transforms) and the peak memory of a forward beside ONNX
 Runtime's, each in a fresh process. Skipped, with the reason, where a runtime is not installed
 (``pip install -e '.[bench]'``)."""
@@ -94,7 +95,7 @@ def test_cpu_inference_against_runtimes(benchmark, arch, batch):
             ours(x)
 
     compare(benchmark, f"CPU inference {arch}, batch {batch}, fp32", batch, resnet_fast_forward, runtimes,
-            pairs=25 if batch == 1 else 9, rounds=5 if batch == 1 else 3)
+            pairs=25 if batch == 1 else 9, rounds=5 if batch == 1 else 3, settle=1)
 
 
 FIRST_CALL = """
@@ -127,12 +128,17 @@ else:
     o = ort.SessionOptions(); o.intra_op_num_threads = torch.get_num_threads()
     s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
     run = lambda: s.run(None, {"x": x.numpy()})
+def vm_rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+start = vm_rss()
 with torch.inference_mode():
     run()
     open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM: the peak of the next forward
     base = vm_hwm()
     run()
-print(vm_hwm() - base, base)
+# The second forward's peak above the memory before it; the process's resident memory after the
+# two forwards above that before the first (one-time state: folded / prepacked weights, arenas).
+print(vm_hwm() - base, vm_rss() - start)
 """
 
 
@@ -144,14 +150,25 @@ def test_first_call_and_peak_memory(benchmark):
     benchmark.extra_info["resnet50 first call s"] = round(first, 3)
     folder = tempfile.mkdtemp()
     path = exported(torchvision.models.resnet50().eval(), torch.randn(8, 3, 224, 224), os.path.join(folder, "r50.onnx"))
+    # Every large buffer its own mapping, so that the peak is what a forward holds at once; for
+    # resnet_fast without resnet_fast._memory's malloc settings, which keep freed buffers (the
+    # resident memory after forwards is reported with them).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
 
-    def peak(mode):
+    def peak(mode, keep=False):
+        run_env = dict(env, RESNET_FAST_KEEP_FREED_MEMORY="1" if keep else "0")
         out = subprocess.run([sys.executable, "-c", PEAK, mode, "resnet50", "8", path], capture_output=True, text=True,
-                             check=True, env=env).stdout.split()
-        return float(out[0])
+                             check=True, env=run_env if mode == "resnet_fast" else env).stdout.split()
+        return float(out[0]), float(out[1])
 
-    peaks = benchmark.pedantic(lambda: {m: peak(m) for m in ("resnet_fast", "onnxruntime")}, rounds=1, iterations=1)
-    RESULTS_MEMORY.append(("ResNet-50 inference, batch 8: peak growth of a forward", peaks))
+    def measure():
+        return {"resnet_fast": peak("resnet_fast"), "resnet_fast (freed memory kept)": peak("resnet_fast", keep=True),
+                "onnxruntime": peak("onnxruntime")}
+
+    peaks = benchmark.pedantic(measure, rounds=1, iterations=1)
+    RESULTS_MEMORY.append(("ResNet-50 inference, batch 8: peak growth of a forward",
+                           {k: v[0] for k, v in peaks.items() if "kept" not in k}))
+    RESULTS_MEMORY.append(("ResNet-50 inference, batch 8: resident after 2 forwards, above before",
+                           {k: v[1] for k, v in peaks.items()}))
     RESULTS_MEMORY.append(("ResNet-50 first call, batch 1 (s; then a steady call)", {"first": first, "steady": steady}))
     assert first < 1.0, f"the first call took {first:.2f} s (folding, prepacking, transforms)"

@@ -1,0 +1,149 @@
+"""Where a CPU inference forward's time goes, layer by layer, beside ONNX Runtime's.
+
+    python bench/profile_layers.py --arch resnet50 --batch 1
+
+resnet_fast: every fused convolution (conv + folded BatchNorm + add + ReLU) timed inside the
+whole network's forward (wall clock around each call, Python included: what the network pays
+for it), grouped by shape and by the path the routing chose (``winograd``: conv3x3_bias_act,
+``onednn``: oneDNN with post-ops); the rest of the forward (pooling, the classifier, Python
+between the layers) as one line. ONNX Runtime: its own profiler's kernel times for the same
+convolutions (torchvision's model exported to ONNX, opset 17; all graph optimisations, spinning
+off, the same threads). Times are medians per forward, in ms. Run it on a quiet machine: it
+measures, it does not interleave.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+import torchvision
+
+import resnet_fast
+from resnet_fast import _routing
+from resnet_fast.models import resnet as _resnet_models
+from resnet_fast.nn import blocks as _blocks
+from resnet_fast.nn import functional as _functional
+
+
+def layer_key(x_shape, conv, residual) -> tuple:
+    """(input C, H, W), output channels, kernel, stride, with a residual."""
+    return (tuple(x_shape[1:]), conv.out_channels, conv.kernel_size[0], conv.stride[0], residual)
+
+
+def profile_resnet_fast(model, x, forwards: int) -> tuple[dict, dict, float]:
+    """Per-layer-kind median ms per forward, the path of each kind, the median forward in ms."""
+    original = _functional.conv_bn_act
+    times: dict[tuple, list[float]] = collections.defaultdict(list)
+    paths: dict[tuple, str] = {}
+    current: dict[tuple, float] = collections.defaultdict(float)
+
+    def timed(x, conv, bn, residual=None, relu=True, residual_stride=1):
+        key = layer_key(x.shape, conv, residual is not None)
+        paths[key] = _routing.conv_bn_inference_plan(x, conv, bn) or "unfused"
+        t0 = time.perf_counter()
+        y = original(x, conv, bn, residual, relu, residual_stride)
+        current[key] += time.perf_counter() - t0
+        return y
+
+    totals = []
+    _blocks.conv_bn_act = _resnet_models.conv_bn_act = timed
+    try:
+        with torch.inference_mode():
+            for i in range(forwards + 3):
+                current.clear()
+                t0 = time.perf_counter()
+                model(x)
+                if i >= 3:  # after warm-up: folding, prepacking, allocator
+                    totals.append(time.perf_counter() - t0)
+                    for k, v in current.items():
+                        times[k].append(v)
+    finally:
+        _blocks.conv_bn_act = _resnet_models.conv_bn_act = original
+    return ({k: statistics.median(v) * 1e3 for k, v in times.items()}, paths, statistics.median(totals) * 1e3)
+
+
+def profile_onnxruntime(reference, x, forwards: int) -> tuple[dict, float]:
+    import onnxruntime as ort
+
+    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(reference, (x,), path, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(os.path.dirname(path), "ort")
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    totals = []
+    for i in range(forwards + 3):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        if i >= 3:
+            totals.append(time.perf_counter() - t0)
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    runs: list[dict[tuple, float]] = []
+    for e in events:
+        if e.get("cat") == "Session" and e.get("name") == "model_run":
+            runs.append(collections.defaultdict(float))
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or not runs:
+            continue
+        args = e["args"]
+        shapes = [next(iter(s.values())) for s in args.get("input_type_shape", [])]
+        if args.get("op_name") in ("Conv", "FusedConv") and len(shapes) >= 2:
+            x_shape, w_shape = shapes[0], shapes[1]
+            key = (tuple(x_shape[1:]), w_shape[0], w_shape[2], None, len(shapes) > 3)
+        else:
+            key = ("other",)
+        runs[-1][key] += e["dur"] / 1e3
+    runs = runs[3:]
+    keys = {k for r in runs for k in r}
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}, statistics.median(totals) * 1e3
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--forwards", type=int, default=20)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, args.arch)().eval()
+    model = resnet_fast.get_model(args.arch).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(args.batch, 3, 224, 224)
+    ours, paths, ours_total = profile_resnet_fast(model, x, args.forwards)
+    try:
+        theirs, theirs_total = profile_onnxruntime(reference, x, args.forwards)
+    except ImportError:
+        theirs, theirs_total = {}, float("nan")
+    # ONNX Runtime's shapes carry no stride: matched on (input, output channels, kernel, residual),
+    # which tell a ResNet's convolutions apart.
+    by_shape: dict[tuple, float] = collections.defaultdict(float)
+    for k, v in theirs.items():
+        if k != ("other",):
+            by_shape[(k[0], k[1], k[2], k[4])] += v
+    print(f"{args.arch}, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'input (C, H, W)':<18} {'out':>5} {'k':>2} {'s':>2} {'res':>4} {'path':>9} {'ours ms':>8} {'ORT ms':>8} {'ORT/ours':>8}")
+    for key in sorted(ours, key=lambda k: -ours[k]):
+        ort_ms = by_shape.get((key[0], key[1], key[2], key[4]), float("nan"))
+        print(f"{str(key[0]):<18} {key[1]:>5} {key[2]:>2} {key[3]:>2} {'yes' if key[4] else 'no':>4} {paths[key]:>9} "
+              f"{ours[key]:8.3f} {ort_ms:8.3f} {ort_ms / ours[key]:8.2f}")
+    rest = ours_total - sum(ours.values())
+    print(f"{'rest (pooling, fc, Python between layers)':<52} {rest:8.3f} {theirs.get(('other',), float('nan')):8.3f}")
+    print(f"{'forward (wall clock)':<52} {ours_total:8.3f} {theirs_total:8.3f} {theirs_total / ours_total:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
