@@ -193,13 +193,12 @@ WINOGRAD_MIN_TILES = 32
 # that transform (16 MB, plus 9 MB of reordered taps) put ResNet-50's training peak memory above
 # eager's, so training's Winograd stops at C * K = 256 * 256. Inference transforms once (cached).
 WINOGRAD_TRAIN_MAX_WEIGHTS = 256 * 256
-# Where oneDNN has AVX-512, training's Winograd (with its per-call weight transform) needs maps of
-# this side or more. On the Zen 4 (before the transforms' scratch was laid out against cache-set
-# conflicts) it paid from 14x14 only: ResNet-20's (128, 64, 8, 8) forward / input gradient took
-# 1.08 / 0.98 of oneDNN's time. Since then, on the Xeon, fwd+bwd against ATen's: (128, 64, 8, 8)
-# 1.25x, (16, 64, 56, 56) 1.23x, (16, 128, 28, 28) 1.17x, (16, 256, 14, 14) 1.07x; a ResNet-20
-# step 206-210 ms against 210-219 with 14 (2026-12-01). On AVX2 it paid everywhere (1.22-1.24x).
-WINOGRAD_TRAIN_AVX512_MIN_MAP = 8
+# Where oneDNN has AVX-512, training's Winograd (with its per-call weight transform) pays on maps of
+# 14x14 and more only. Fwd+bwd against F.conv2d's, interleaved, on the Xeon: (16, 64, 56, 56)
+# 1.15x, (16, 128, 28, 28) 1.10x, (16, 256, 14, 14) 1.08x, but ResNet-20's (128, 64, 8, 8)
+# 1.02x (bench/test_ops.py: 0.99x) (2026-12-01); on the Zen 4 that shape's forward / input
+# gradient took 1.08 / 0.98 of oneDNN's time. On AVX2 it paid everywhere (1.22-1.24x).
+WINOGRAD_TRAIN_AVX512_MIN_MAP = 14
 # Our AVX2 weight gradient (csrc/cpu/conv3x3_train.cpp): a vector of 8 input channels lies within
 # one tap (C % 8 == 0), the register tile holds 4 output channels (K % 4 == 0), and beyond 128
 # input channels the tiles sweep too few pixels per load of their accumulators: oneDNN's is faster
