@@ -55,12 +55,14 @@ TEST_GROUPS = [
     ("networks on the GPU", ["tests/models/test_gpu_backends.py"], 40, {}),
     ("backend and build", ["tests/test_backend.py", "tests/test_build.py"], 20, {}),  # (5 fresh interpreters)
 ]
-# A rehearsal runs the Triton kernels in the interpreter: a share of their tests.
+# A rehearsal runs the Triton kernels in the interpreter: a share of their tests. Its time boxes
+# check that the groups run, not how fast a GPU would: 3-4x what they took on a 2-core Xeon
+# (10, 38, 27, 30 s; the Triton group had reached 38 s of a 40-s box there, 2026-12-02).
 REHEARSAL_TEST_GROUPS = [
-    ("cuda kernels", ["tests/ops", "-k", "cuda"], 25, {}),
-    ("triton kernels", ["tests/ops/test_zero_pad_shortcut.py", "tests/ops/test_bias_act.py", "-k", "triton"], 40, {}),
-    ("networks on the GPU", ["tests/models/test_gpu_backends.py", "-k", "not resnet18"], 40, {}),
-    ("backend and build", ["tests/test_backend.py", "tests/test_build.py"], 40, {}),  # (5 fresh interpreters, 2 cores)
+    ("cuda kernels", ["tests/ops", "-k", "cuda"], 60, {}),
+    ("triton kernels", ["tests/ops/test_zero_pad_shortcut.py", "tests/ops/test_bias_act.py", "-k", "triton"], 150, {}),
+    ("networks on the GPU", ["tests/models/test_gpu_backends.py", "-k", "not resnet18"], 100, {}),
+    ("backend and build", ["tests/test_backend.py", "tests/test_build.py"], 100, {}),  # (5 fresh interpreters, 2 cores)
 ]
 BENCH_GROUPS = [
     ("networks vs eager", ["bench/test_gpu.py", "-k", "resnet50 or resnet20"], 60, {"RESNET_FAST_BENCH_COMPILE": "0"}),
@@ -321,6 +323,7 @@ def main(argv=None) -> int:
         # Here the build compiles on 2 cores what the GPU machine compiles on 16 (about 4 minutes
         # for one architecture): the rehearsal checks that it builds, not how fast.
         BUDGETS["build"] = 600
+        BUDGETS["tests"] = sum(g[2] for g in REHEARSAL_TEST_GROUPS)
     for item in args.budget:
         stage, _, seconds = item.partition("=")
         if stage not in BUDGETS:
