@@ -37,6 +37,12 @@ namespace resnet_fast {
 
 namespace {
 
+// V's 16 planes one tile row further apart than `rows` tiles need: at a power-of-two distance the
+// 16 streams of input_tile's stores meet in the same L1 sets. Its planes lie V.stride(0) apart.
+at::Tensor input_scratch(int64_t rows, int64_t C, const at::TensorOptions& options) {
+  return at::empty({16, rows + 1, C}, options);
+}
+
 struct Plan {
   int64_t N, C, H, W, K, TH, TW;  // TH x TW tiles per image
   const float* x;
@@ -115,15 +121,13 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
     // the products parallel; V and M of a chunk (16 x tiles x (C + K) floats) at most 8 MB.
     const int64_t chunk = std::max<int64_t>(32, (int64_t(8) << 20) / (64 * (C + K)));
     const int64_t rows = std::min(chunk, T);
-    // V's 16 planes one tile row further apart than they need: at a power-of-two distance the 16
-    // streams of input_tile's stores meet in the same L1 sets.
-    at::Tensor V = at::empty({16, rows + 1, C}, x.options()), M = at::empty({16, rows, K}, x.options());
+    at::Tensor V = input_scratch(rows, C, x.options()), M = at::empty({16, rows, K}, x.options());
     float* v = V.mutable_data_ptr<float>();
     const float* m = M.const_data_ptr<float>();
     for (int64_t c0 = 0; c0 < T; c0 += rows) {
       const int64_t cnt = std::min(rows, T - c0);
       at::parallel_for(0, cnt, 16, [&](int64_t q0, int64_t q1) {
-        input_tiles(p, c0 + q0, q1 - q0, v + q0 * C, (rows + 1) * C);
+        input_tiles(p, c0 + q0, q1 - q0, v + q0 * C, V.stride(0));
       });
       at::Tensor Mv = M.narrow(1, 0, cnt);
       at::bmm_out(Mv, V.narrow(1, 0, cnt), U);
@@ -142,11 +146,11 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
   const int64_t blocks = (T + target * threads - 1) / (target * threads) * threads;
   const int64_t block = (T + blocks - 1) / blocks;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor V = at::empty({16, block + 1, C}, x.options()), M = at::empty({16, block, K}, x.options());
+    at::Tensor V = input_scratch(block, C, x.options()), M = at::empty({16, block, K}, x.options());
     std::vector<float> scratch(K);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * block, cnt = std::min(block, T - t0);
-      input_tiles(p, t0, cnt, V.mutable_data_ptr<float>(), (block + 1) * C);
+      input_tiles(p, t0, cnt, V.mutable_data_ptr<float>(), V.stride(0));
       at::Tensor Mv = M.narrow(1, 0, cnt);
       at::bmm_out(Mv, V.narrow(1, 0, cnt), U);  // single-threaded inside a parallel region
       output_tiles(p, t0, cnt, M.const_data_ptr<float>(), block * K, scratch.data());
