@@ -122,6 +122,49 @@ def test_conv3x3_bias_act_inference(benchmark, shape):
             {"oneDNN (prepacked, ReLU post-op)": onednn}, pairs=30, rounds=10)
 
 
+# (input shape, out channels, stride, residual): ResNet-50's 1x1 convolutions at batch 1 and 8.
+CONV1X1_CASES = [
+    ((1, 64, 56, 56), 256, 1, True),
+    ((1, 1024, 14, 14), 256, 1, False),
+    ((1, 512, 7, 7), 2048, 1, True),
+    ((8, 512, 28, 28), 128, 1, False),
+    ((8, 256, 56, 56), 512, 2, False),
+]
+
+
+@pytest.mark.parametrize("shape, out_channels, stride, with_residual", CONV1X1_CASES, ids=str)
+def test_conv1x1_bias_act_inference(benchmark, shape, out_channels, stride, with_residual):
+    """ResNet-50's 1x1 convolutions in inference, BatchNorm folded: our packed-weight GEMM against
+    oneDNN with prepacked weights and the residual add and ReLU as post-ops (what resnet_fast ran
+    before, and what torch.compile's freezing runs). Warm caches: inside the network the ratio
+    differs (bench/profile_layers.py)."""
+    cl = torch.channels_last
+    n, c, h, w = shape
+    k = out_channels
+    x = torch.randn(shape).relu().contiguous(memory_format=cl)
+    weight, bias = torch.randn(k, c, 1, 1) / c**0.5, torch.randn(k)
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    residual = torch.randn(n, k, oh, ow).contiguous(memory_format=cl) if with_residual else None
+    args = ([0, 0], [stride, stride], [1, 1], 1)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(memory_format=cl), *args, list(shape))
+    ours_weight = resnet_fast.ops.conv1x1_weight(weight)
+
+    def ours():
+        with torch.inference_mode():
+            resnet_fast.ops.conv1x1_bias_act(x, ours_weight, bias, residual, True, stride)
+
+    def onednn():
+        with torch.inference_mode():
+            if residual is None:
+                torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "relu", [None], "")
+            else:
+                torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", None, "relu", [], "")
+
+    what = f"{shape}->{k} stride {stride}" + (" + residual" if with_residual else "")
+    compare(benchmark, f"conv1x1_bias_act inference {what} channels_last", n, ours,
+            {"oneDNN (prepacked, post-ops)": onednn}, pairs=30, rounds=10)
+
+
 # (shape, residual): ResNet-20's stages at batch 128 and ResNet-50's at batch 16.
 CASES = [
     ((128, 16, 32, 32), None),

@@ -19,7 +19,8 @@ BatchNorm (+ add) (+ ReLU)               :func:`batch_norm_act_impl`
 a training 3x3 convolution               :func:`conv3x3_train_plan` (our op? Winograd? our
                                          weight gradient?)
 inference conv + BN                      :func:`conv_bn_inference_plan` (folded: oneDNN
-                                         post-ops, Winograd, or cuDNN + epilogue)
+                                         post-ops, Winograd, our 1x1 GEMM, or cuDNN +
+                                         epilogue)
 max pooling                              :func:`max_pool2d_impl`
 layouts                                  :func:`conv_weight_format`, :func:`internal_layout`
 writing a block end into its residual    :func:`may_donate_residuals`
@@ -210,6 +211,22 @@ WINOGRAD_TRAIN_AVX512_MIN_MAP = 14
 WEIGHT_GRAD_MAX_CHANNELS = 128
 
 
+# Our 1x1 convolution (csrc/cpu/conv1x1.cpp: one matrix product of 6 x 16 AVX2 register tiles
+# with the bias, residual and ReLU in their epilogue) replaces oneDNN's on CPUs whose best vector
+# ISA is AVX2 (measured there); where oneDNN has AVX-512 its 1x1 convolutions keep running.
+GEMM1X1_APPLIES = CPU_CAPABILITY == "AVX2"
+
+
+def _is_1x1(conv: nn.Module) -> bool:
+    return (
+        conv.kernel_size == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.stride[0] == conv.stride[1]
+    )
+
+
 def _is_3x3_pad1(conv: nn.Module) -> bool:
     return (
         conv.kernel_size == (3, 3)
@@ -298,6 +315,7 @@ def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | N
     parameters, torch.compile tracing, which folds by itself with freezing):
 
     * ``"winograd"``: the fused CPU path's wide stride-1 3x3 convolutions (``conv3x3_bias_act``);
+    * ``"gemm1x1"``: its 1x1 convolutions on AVX2 CPUs (``conv1x1_bias_act``, see GEMM1X1_APPLIES);
     * ``"onednn"``: the other CPU convolutions: oneDNN with the residual add and ReLU as post-ops
       (``torch.ops.mkldnn._convolution_pointwise``, which needs float32 channels_last);
     * ``"epilogue"``: GPUs (and Triton's interpreter): cuDNN's convolution, then ``bias_act``."""
@@ -324,7 +342,11 @@ def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | N
             and impl_for("conv3x3_bias_act", x.device) == "cpu"
             and winograd_applies(conv.in_channels, conv.out_channels, 1, training=False)
         )
-        return "winograd" if winograd else "onednn"
+        if winograd:
+            return "winograd"
+        if GEMM1X1_APPLIES and _is_1x1(conv) and impl_for("conv1x1_bias_act", x.device) == "cpu":
+            return "gemm1x1"
+        return "onednn"
     if impl in ("triton", "cuda") and x.dtype in KERNEL_DTYPES[impl]:
         return "epilogue"
     return None
