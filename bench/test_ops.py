@@ -133,7 +133,7 @@ CONV1X1_CASES = [
 
 
 @pytest.mark.parametrize("shape, out_channels, stride, with_residual", CONV1X1_CASES, ids=str)
-def test_conv1x1_bias_act_inference(benchmark, shape, out_channels, stride, with_residual):
+def test_conv_bias_act_1x1_inference(benchmark, shape, out_channels, stride, with_residual):
     """ResNet-50's 1x1 convolutions in inference, BatchNorm folded: our packed-weight GEMM against
     oneDNN with prepacked weights and the residual add and ReLU as post-ops (what resnet_fast ran
     before, and what torch.compile's freezing runs). Warm caches: inside the network the ratio
@@ -147,11 +147,11 @@ def test_conv1x1_bias_act_inference(benchmark, shape, out_channels, stride, with
     residual = torch.randn(n, k, oh, ow).contiguous(memory_format=cl) if with_residual else None
     args = ([0, 0], [stride, stride], [1, 1], 1)
     packed = torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(memory_format=cl), *args, list(shape))
-    ours_weight = resnet_fast.ops.conv1x1_weight(weight)
+    ours_weight = resnet_fast.ops.pack_conv_weight(weight)
 
     def ours():
         with torch.inference_mode():
-            resnet_fast.ops.conv1x1_bias_act(x, ours_weight, bias, residual, True, stride)
+            resnet_fast.ops.conv_bias_act(x, ours_weight, bias, residual, True, 1, stride, 0)
 
     def onednn():
         with torch.inference_mode():
@@ -161,7 +161,7 @@ def test_conv1x1_bias_act_inference(benchmark, shape, out_channels, stride, with
                 torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", None, "relu", [], "")
 
     what = f"{shape}->{k} stride {stride}" + (" + residual" if with_residual else "")
-    compare(benchmark, f"conv1x1_bias_act inference {what} channels_last", n, ours,
+    compare(benchmark, f"conv_bias_act 1x1 inference {what} channels_last", n, ours,
             {"oneDNN (prepacked, post-ops)": onednn}, pairs=30, rounds=10)
 
 

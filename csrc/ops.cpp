@@ -78,10 +78,11 @@ TORCH_LIBRARY(resnet_fast, m) {
   // rounded once to float32). CPU, float32 only.
   m.def("conv3x3_bias_act(Tensor x, Tensor weight_winograd, Tensor bias, Tensor? residual, bool relu) -> Tensor");
   m.def("winograd_weight(Tensor weight) -> Tensor");
-  // Inference: relu(conv1x1(x, weight, stride) + bias + residual) as one matrix product with the
-  // weight given packed, (ceil(K / 16), C, 16) float32, by resnet_fast.ops.conv1x1_weight. CPU,
-  // float32 only; the output is channels_last.
-  m.def("conv1x1_bias_act(Tensor x, Tensor weight_packed, Tensor bias, Tensor? residual, bool relu, int stride) -> Tensor");
+  // Inference: relu(conv2d(x, weight, stride, padding) + bias + residual), square kernels, as one
+  // matrix product with the weight given packed, (ceil(K / 16), kernel^2 * C, 16) float32, by
+  // resnet_fast.ops.pack_conv_weight. CPU, float32 only; the output is channels_last.
+  m.def("conv_bias_act(Tensor x, Tensor weight_packed, Tensor bias, Tensor? residual, bool relu, int kernel, "
+        "int stride, int padding) -> Tensor");
 
   // The argument checks of the ops above that Triton implements too (csrc/common/checks.h, for any
   // device): the Triton launchers run them, so that every implementation refuses bad input with

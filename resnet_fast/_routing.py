@@ -211,19 +211,27 @@ WINOGRAD_TRAIN_AVX512_MIN_MAP = 14
 WEIGHT_GRAD_MAX_CHANNELS = 128
 
 
-# Our 1x1 convolution (csrc/cpu/conv1x1.cpp: one matrix product of 6 x 16 AVX2 register tiles
-# with the bias, residual and ReLU in their epilogue) replaces oneDNN's on CPUs whose best vector
-# ISA is AVX2 (measured there); where oneDNN has AVX-512 its 1x1 convolutions keep running.
-GEMM1X1_APPLIES = CPU_CAPABILITY == "AVX2"
+# Our implicit-GEMM convolution (csrc/cpu/conv_gemm.cpp: 6 x 16 AVX2 register tiles with the
+# bias, residual and ReLU in their epilogue) runs the 1x1 convolutions in place of oneDNN's on CPUs
+# whose best vector ISA is AVX2: on the Zen 3 (2 cores) 1.03-1.21x oneDNN's on ResNet-50's shapes
+# (bench/test_ops.py), the whole network 0.98-1.08x (interleaved, batch 1 and 8, within this
+# machine's noise). Its 3x3 convolutions are not routed: on the stride-2 ones and layer4's at
+# batch 1 they ran 0.87-1.12x oneDNN's alone, but inside ResNet-50 and ResNet-18 at batch 1 the
+# networks took 1.01-1.04x longer with them (2026-12-02). Where oneDNN has AVX-512 its
+# convolutions keep running (not measured against ours).
+GEMM_APPLIES = CPU_CAPABILITY == "AVX2"
 
 
-def _is_1x1(conv: nn.Module) -> bool:
+def gemm_applies(conv: nn.Module) -> bool:
+    """Whether an inference convolution runs by our GEMM (see GEMM_APPLIES): a 1x1, no padding,
+    the same stride both ways."""
     return (
-        conv.kernel_size == (1, 1)
+        GEMM_APPLIES
+        and conv.kernel_size == (1, 1)
+        and conv.stride[0] == conv.stride[1]
         and conv.padding == (0, 0)
         and conv.dilation == (1, 1)
         and conv.groups == 1
-        and conv.stride[0] == conv.stride[1]
     )
 
 
@@ -315,7 +323,7 @@ def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | N
     parameters, torch.compile tracing, which folds by itself with freezing):
 
     * ``"winograd"``: the fused CPU path's wide stride-1 3x3 convolutions (``conv3x3_bias_act``);
-    * ``"gemm1x1"``: its 1x1 convolutions on AVX2 CPUs (``conv1x1_bias_act``, see GEMM1X1_APPLIES);
+    * ``"gemm"``: its 1x1 convolutions on AVX2 CPUs (``conv_bias_act``, see :func:`gemm_applies`);
     * ``"onednn"``: the other CPU convolutions: oneDNN with the residual add and ReLU as post-ops
       (``torch.ops.mkldnn._convolution_pointwise``, which needs float32 channels_last);
     * ``"epilogue"``: GPUs (and Triton's interpreter): cuDNN's convolution, then ``bias_act``."""
@@ -344,8 +352,8 @@ def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | N
         )
         if winograd:
             return "winograd"
-        if GEMM1X1_APPLIES and _is_1x1(conv) and impl_for("conv1x1_bias_act", x.device) == "cpu":
-            return "gemm1x1"
+        if gemm_applies(conv) and impl_for("conv_bias_act", x.device) == "cpu":
+            return "gemm"
         return "onednn"
     if impl in ("triton", "cuda") and x.dtype in KERNEL_DTYPES[impl]:
         return "epilogue"

@@ -76,7 +76,7 @@ def _conv(x: Tensor, conv: nn.Module) -> Tensor:
 # -- inference: BatchNorm folded into the convolution ----------------------------------------
 
 # conv module -> (key, folded weight (prepacked for oneDNN, Winograd-transformed or packed for our
-# 1x1 GEMM), folded bias).
+# GEMM), folded bias).
 # Weakly keyed, so the cache lives exactly as long as the model and never travels with it
 # (pickle, deepcopy).
 _FOLDED: "weakref.WeakKeyDictionary[nn.Conv2d, tuple]" = weakref.WeakKeyDictionary()
@@ -104,8 +104,8 @@ def _folded_weights(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, path: str) -
         weight = (conv.weight * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype)
         if path == "winograd":
             weight = ops.winograd_weight(weight)
-        elif path == "gemm1x1":
-            weight = ops.conv1x1_weight(weight)
+        elif path == "gemm":
+            weight = ops.pack_conv_weight(weight)
         elif path == "onednn":
             weight = torch.ops.mkldnn._reorder_convolution_weight(
                 weight.contiguous(memory_format=torch.channels_last),
@@ -162,8 +162,8 @@ def conv_bn_act(
         residual = ops.zero_pad_shortcut(residual, conv.out_channels, residual_stride)
     if path == "winograd":
         return ops.conv3x3_bias_act(x, weight, bias, residual, relu)
-    if path == "gemm1x1":
-        return ops.conv1x1_bias_act(x, weight, bias, residual, relu, conv.stride[0])
+    if path == "gemm":
+        return ops.conv_bias_act(x, weight, bias, residual, relu, conv.kernel_size[0], conv.stride[0], conv.padding[0])
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [None], "")

@@ -5,7 +5,7 @@ from .. import _backend
 from . import reference
 from .batch_norm_act import batch_norm_act
 from .bias_act import bias_act
-from .conv1x1_bias_act import conv1x1_bias_act, conv1x1_weight
+from .conv_bias_act import conv_bias_act, pack_conv_weight
 from .conv3x3_bias_act import conv3x3_bias_act, winograd_weight
 from .conv3x3_train import conv3x3_train
 from .max_pool2d import max_pool2d
@@ -18,6 +18,6 @@ if _backend.triton_available():
         _backend._disable_triton(f"resnet_fast.triton failed to import ({type(exc).__name__}: {exc})")
 
 __all__ = [
-    "batch_norm_act", "bias_act", "conv1x1_bias_act", "conv1x1_weight", "conv3x3_bias_act", "conv3x3_train", "max_pool2d", "reference", "winograd_weight",
-    "zero_pad_shortcut",
+    "batch_norm_act", "bias_act", "conv_bias_act", "conv3x3_bias_act", "conv3x3_train", "max_pool2d",
+    "pack_conv_weight", "reference", "winograd_weight", "zero_pad_shortcut",
 ]

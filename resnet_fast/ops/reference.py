@@ -105,10 +105,11 @@ def conv3x3_bias_act(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor |
     return bias_act(F.conv2d(x, weight, None, 1, 1), bias, residual, relu)
 
 
-def conv1x1_bias_act(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None = None, relu: bool = True,
-                     stride: int = 1) -> Tensor:
-    """Inference's 1x1 convolution (no padding) with a BatchNorm folded into ``weight`` and
-    ``bias`` (see :func:`bias_act`): ``y[n, k, h, w] = relu(sum_c weight[k, c] * x[n, c, h*stride,
-    w*stride] + bias[k] + residual[n, k, h, w])``. x: (N, C, H, W), weight: (K, C, 1, 1),
-    bias: (K,), residual: (N, K, ceil(H/stride), ceil(W/stride))."""
-    return bias_act(F.conv2d(x, weight, None, stride), bias, residual, relu)
+def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None = None, relu: bool = True,
+                  stride: int = 1, padding: int = 0) -> Tensor:
+    """Inference's convolution with a BatchNorm folded into ``weight`` and ``bias`` (see
+    :func:`bias_act`), square kernels: ``y[n, k, h, w] = relu(sum_{c, i, j} weight[k, c, i, j] *
+    x[n, c, h*stride - padding + i, w*stride - padding + j] + bias[k] + residual[n, k, h, w])``
+    (x zero outside the map). x: (N, C, H, W), weight: (K, C, R, R), bias: (K,), residual: the
+    output's shape."""
+    return bias_act(F.conv2d(x, weight, None, stride, padding), bias, residual, relu)
