@@ -110,7 +110,8 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
   const bool sliced = K % PANEL == 0;
   const int64_t per_tap = sliced ? ceil_div(C, KC) : 1;                      // slices of one tap
   const int64_t depth = std::max<int64_t>(ceil_div(C, per_tap), 1);          // channels of a segment
-  const int64_t seg_taps = per_tap == 1 && sliced ? std::clamp<int64_t>(KC / depth, 1, MAX_TAPS) : 1;  // taps of a slice
+  const int64_t seg_taps =  // taps of a slice
+      per_tap == 1 && sliced ? std::clamp<int64_t>(KC / depth, 1, std::min<int64_t>(MAX_TAPS, taps)) : 1;
   const int64_t slice = depth * seg_taps;
   // Pixel blocks of equal size (a multiple of the tile's rows), as few as L2 allows.
   const int64_t max_block = std::clamp<int64_t>(BLOCK_BYTES / (4 * slice) / MAX_ROWS * MAX_ROWS, MAX_ROWS, MAX_BLOCK);
