@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #ifdef __x86_64__
 #include <immintrin.h>
@@ -96,9 +97,10 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
   const int64_t P = N * OH * OW;
   if (P == 0 || K == 0) return y;
   const at::Tensor xc = x.contiguous(cl), B = weight_packed.contiguous(), b = bias.contiguous();
-  const at::Tensor zeros = at::zeros({padding > 0 ? C : 0}, x.options());  // the padding's pixel
+  at::Tensor zeros;  // the padding's pixel
+  if (padding > 0) zeros = at::zeros({C}, x.options());
   const float* xp = xc.const_data_ptr<float>();
-  const float* zp = zeros.const_data_ptr<float>();
+  const float* zp = zeros.defined() ? zeros.const_data_ptr<float>() : nullptr;
   const float* wp = B.const_data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
   const float* rp = res.defined() ? res.const_data_ptr<float>() : nullptr;
@@ -126,7 +128,10 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
                   iw = p % OW * stride - padding + tap % kernel;
     return ih >= 0 && ih < H && iw >= 0 && iw < W ? xp + ((n * H + ih) * W + iw) * C : zp;
   };
+  const int64_t tile_ptrs = seg_taps * MAX_ROWS;  // a tile's row pointers: segment-major
   at::parallel_for(0, blocks * groups, 1, [&](int64_t i0, int64_t i1) {
+    // The row pointers of a block's tiles for one slice, found once and read by every panel.
+    std::vector<const float*> a(ceil_div(block, MAX_ROWS) * tile_ptrs);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t blk = item / groups, grp = item % groups;
       const int64_t m0 = blk * block, m1 = std::min(P, m0 + block);
@@ -136,20 +141,22 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
           const int segs = static_cast<int>(std::min(seg_taps, taps - tap));
           const int64_t d = std::min(depth, C - c0);
           const bool first = tap == 0 && c0 == 0, last = tap + segs == taps && c0 + depth >= C;
+          for (int64_t m = m0; m < m1; ++m)
+            for (int sg = 0; sg < segs; ++sg)
+              a[(m - m0) / MAX_ROWS * tile_ptrs + sg * MAX_ROWS + (m - m0) % MAX_ROWS] = row(m, tap + sg) + c0;
           for (int64_t j = j0; j < j1; ++j) {
             const int n = static_cast<int>(std::min<int64_t>(PANEL, K - j * PANEL));
             const float* panel = wp + (j * taps * C + tap * C + c0) * PANEL;
             for (int64_t m = m0; m < m1; m += MAX_ROWS) {
               const int rows = static_cast<int>(std::min<int64_t>(MAX_ROWS, m1 - m));
-              const float* a[MAX_TAPS * MAX_ROWS];
               const float* r[MAX_ROWS];
               float* o[MAX_ROWS];
               for (int i = 0; i < rows; ++i) {
-                for (int sg = 0; sg < segs; ++sg) a[sg * MAX_ROWS + i] = row(m + i, tap + sg) + c0;
                 r[i] = rp ? rp + (m + i) * K + j * PANEL : nullptr;
                 o[i] = yp + (m + i) * K + j * PANEL;
               }
-              RF_ISA(any_tile)(rows, a, segs, panel, d, bp + j * PANEL, rp ? r : nullptr, o, n, relu, first, last);
+              RF_ISA(any_tile)(rows, a.data() + (m - m0) / MAX_ROWS * tile_ptrs, segs, panel, d, bp + j * PANEL,
+                               rp ? r : nullptr, o, n, relu, first, last);
             }
           }
         }
