@@ -56,6 +56,7 @@ def profile_resnet_fast(model, x, forwards: int) -> tuple[dict, dict, float]:
 
     totals = []
     _blocks.conv_bn_act = _resnet_models.conv_bn_act = timed
+    plan_forward, _routing.PLAN_FORWARD = _routing.PLAN_FORWARD, False  # (a replay would call none of them)
     try:
         with torch.inference_mode():
             for i in range(forwards + 3):
@@ -68,6 +69,7 @@ def profile_resnet_fast(model, x, forwards: int) -> tuple[dict, dict, float]:
                         times[k].append(v)
     finally:
         _blocks.conv_bn_act = _resnet_models.conv_bn_act = original
+        _routing.PLAN_FORWARD = plan_forward
     return ({k: statistics.median(v) * 1e3 for k, v in times.items()}, paths, statistics.median(totals) * 1e3)
 
 

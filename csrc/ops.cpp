@@ -80,9 +80,10 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def("winograd_weight(Tensor weight) -> Tensor");
   // Inference: relu(conv2d(x, weight, stride, padding) + bias + residual), square kernels, as one
   // matrix product with the weight given packed, (ceil(K / 16), kernel^2 * C, 16) float32, by
-  // resnet_fast.ops.pack_conv_weight. CPU, float32 only; the output is channels_last.
+  // resnet_fast.ops.pack_conv_weight. CPU, float32 only; the output is channels_last. wide: AVX-512
+  // register tiles of 6 x 64 channels (else AVX2's 6 x 16), as resnet_fast._routing decides.
   m.def("conv_bias_act(Tensor x, Tensor weight_packed, Tensor bias, Tensor? residual, bool relu, int kernel, "
-        "int stride, int padding) -> Tensor");
+        "int stride, int padding, bool wide=False) -> Tensor");
 
   // The argument checks of the ops above that Triton implements too (csrc/common/checks.h, for any
   // device): the Triton launchers run them, so that every implementation refuses bad input with

@@ -24,6 +24,7 @@ inference conv + BN                      :func:`conv_bn_inference_plan` (folded:
 max pooling                              :func:`max_pool2d_impl`
 layouts                                  :func:`conv_weight_format`, :func:`internal_layout`
 writing a block end into its residual    :func:`may_donate_residuals`
+replaying a network's recorded forward   :func:`plans_forward` (:mod:`resnet_fast._plan`)
 =======================================  =====================================================
 
 Two choices stay in C++ because they are what the kernels can do, not a routing choice
@@ -222,6 +223,14 @@ WEIGHT_GRAD_MAX_CHANNELS = 128
 GEMM_APPLIES = CPU_CAPABILITY == "AVX2"
 
 
+def gemm_wide_tiles() -> bool:
+    """Whether ``conv_bias_act`` runs its AVX-512 register tiles (6 pixels x 64 channels: each
+    input value loaded serves four 16-lane FMAs) rather than AVX2's (6 x 16): where the CPU has
+    AVX-512. On the Zen 4 (2 cores) they ran ResNet-50's 1x1 shapes at 189-202 GFLOP/s alone where
+    the AVX2 tiles made the network 9% slower than with oneDNN's (2026-12-02)."""
+    return _AVX512
+
+
 def gemm_applies(conv: nn.Module) -> bool:
     """Whether an inference convolution runs by our GEMM (see GEMM_APPLIES): a 1x1, no padding,
     the same stride both ways."""
@@ -316,11 +325,25 @@ def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int) -> Conv3x3Plan | 
     return plan if any(plan) else None
 
 
+def _inference_tensors(conv: nn.Module, bn: nn.Module) -> bool:
+    """Parameters or statistics made under ``torch.inference_mode`` (a model built there): they
+    have no version counter, so a folded copy could not notice an in-place change to them."""
+    return (
+        conv.weight.is_inference()
+        or bn.weight.is_inference()
+        or bn.running_var.is_inference()
+        or bn.running_mean.is_inference()
+        or bn.bias.is_inference()
+        or (conv.bias is not None and conv.bias.is_inference())
+    )
+
+
 def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | None:
     """How a convolution followed by its BatchNorm runs in inference, with BatchNorm folded into
     the convolution's weights (cached), or None where folding does not apply (training, anything
     to differentiate, hooks, other module types, BatchNorm without running statistics or affine
-    parameters, torch.compile tracing, which folds by itself with freezing):
+    parameters, parameters made under torch.inference_mode, torch.compile tracing, which folds
+    by itself with freezing):
 
     * ``"winograd"``: the fused CPU path's wide stride-1 3x3 convolutions (``conv3x3_bias_act``);
     * ``"gemm"``: its 1x1 convolutions on AVX2 CPUs (``conv_bias_act``, see :func:`gemm_applies`);
@@ -339,6 +362,7 @@ def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | N
         and not isinstance(conv.padding, str)
         and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad or bn.weight.requires_grad))
         and not steps_aside(conv, bn)
+        and not _inference_tensors(conv, bn)
     ):
         return None
     impl = impl_for("batch_norm_act", x.device)
@@ -431,4 +455,30 @@ def may_donate_residuals(model: nn.Module) -> bool:
         and not torch.is_grad_enabled()
         and not _global_hooks()
         and not any(has_hooks(m) for m in model.modules())
+    )
+
+
+# A whole network's inference forward on the CPU kernels is recorded once per input key and
+# replayed (resnet_fast._plan): ResNet-50 at batch 1 spent about 4 of its 50 ms in Python between
+# the kernels, ResNet-18 1.6 of 25 ms (2-core Zen 4, 2026-12-02). False: every forward runs the
+# modules (the per-layer profile, bench/profile_layers.py, times their calls).
+PLAN_FORWARD = True
+
+
+def plans_forward(model: nn.Module, x) -> bool:
+    """Whether a whole network's forward may run by its plan (:mod:`resnet_fast._plan`, which
+    also checks the module tree: known module types, no hooks): inference (eval mode, no
+    gradients), a CPU tensor on the C++ kernels, no autocast, nothing capturing or compiling, no
+    global module hook."""
+    return (
+        PLAN_FORWARD
+        and isinstance(x, Tensor)
+        and not model.training
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not _global_hooks()
+        and not formulas_only()
+        and not torch.is_autocast_enabled("cpu")
+        and impl_for("batch_norm_act", x.device) == "cpu"
     )

@@ -47,11 +47,13 @@ namespace resnet_fast {
 constexpr int MAX_ROWS = 6;
 
 #define RF_KERNELS "cpu/conv_gemm_kernels.inc"
+#define RF_KERNELS_AVX512
 #include "cpu/isa_kernels.h"
 
 namespace {
 
 constexpr int PANEL = 16;                      // output channels per packed panel
+constexpr int64_t WIDE_PANELS = 4;             // panels of an AVX-512 tile
 constexpr int64_t KC = 256;                    // input channels per slice: a panel's slice (16 KB) stays in L1
 constexpr int64_t BLOCK_BYTES = 192 * 1024;    // a pixel block's input rows of one slice, to stay in L2
 constexpr int64_t MAX_BLOCK = 40 * MAX_ROWS;   // pixels per block at most
@@ -63,7 +65,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
                          const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
-                         int64_t padding) {
+                         int64_t padding, bool wide) {
   TORCH_CHECK(x.dim() == 4, "conv_bias_act: expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight_packed.scalar_type() == at::kFloat &&
                   bias.scalar_type() == at::kFloat,
@@ -73,6 +75,7 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
               "conv_bias_act: expected a kernel size and a stride of 1 or more and a padding in [0, kernel), got "
               "kernel ", kernel, ", stride ", stride, ", padding ", padding);
   TORCH_CHECK(bias.dim() == 1, "conv_bias_act: expected a 1-D bias (K,), got ", bias.sizes());
+  TORCH_CHECK(!wide || use_avx512(), "conv_bias_act: wide (AVX-512) tiles were asked for on a CPU without AVX-512F");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = bias.size(0);
   const int64_t panels = ceil_div(K, PANEL), taps = kernel * kernel;
   TORCH_CHECK(weight_packed.dim() == 3 && weight_packed.size(0) == panels && weight_packed.size(1) == taps * C &&
@@ -120,9 +123,11 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
   const int64_t blocks = ceil_div(P, max_block);
   const int64_t block = ceil_div(ceil_div(P, blocks), MAX_ROWS) * MAX_ROWS;
   // Enough items for every thread: a few blocks each, else the panels split into groups.
+  // A tile spans `step` panels: 4 with AVX-512 (6 x 64 channels), else 1 (6 x 16).
+  const int64_t step = wide ? WIDE_PANELS : 1, units = ceil_div(panels, step);
   const int64_t threads = at::get_num_threads();
-  int64_t groups = std::clamp<int64_t>(ceil_div(4 * threads, blocks), 1, panels);
-  while (groups < panels && (blocks * groups) % threads != 0) ++groups;  // no thread idle at the end
+  int64_t groups = std::clamp<int64_t>(ceil_div(4 * threads, blocks), 1, units);
+  while (groups < units && (blocks * groups) % threads != 0) ++groups;  // no thread idle at the end
   const auto row = [&](int64_t p, int64_t tap) {  // the input row that output pixel p's tap reads
     const int64_t n = p / (OH * OW), ih = (p / OW) % OH * stride - padding + tap / kernel,
                   iw = p % OW * stride - padding + tap % kernel;
@@ -135,7 +140,7 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t blk = item / groups, grp = item % groups;
       const int64_t m0 = blk * block, m1 = std::min(P, m0 + block);
-      const int64_t j0 = grp * panels / groups, j1 = (grp + 1) * panels / groups;
+      const int64_t j0 = grp * units / groups * step, j1 = std::min(panels, (grp + 1) * units / groups * step);
       for (int64_t tap = 0; tap < taps; tap += seg_taps)
         for (int64_t c0 = 0; c0 < C || c0 == 0; c0 += depth) {
           const int segs = static_cast<int>(std::min(seg_taps, taps - tap));
@@ -144,8 +149,9 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
           for (int64_t m = m0; m < m1; ++m)
             for (int sg = 0; sg < segs; ++sg)
               a[(m - m0) / MAX_ROWS * tile_ptrs + sg * MAX_ROWS + (m - m0) % MAX_ROWS] = row(m, tap + sg) + c0;
-          for (int64_t j = j0; j < j1; ++j) {
-            const int n = static_cast<int>(std::min<int64_t>(PANEL, K - j * PANEL));
+          for (int64_t j = j0; j < j1; j += step) {
+            const int np = static_cast<int>(std::min(step, j1 - j));
+            const int n = static_cast<int>(std::min<int64_t>(PANEL, K - (j + np - 1) * PANEL));  // in the last panel
             const float* panel = wp + (j * taps * C + tap * C + c0) * PANEL;
             for (int64_t m = m0; m < m1; m += MAX_ROWS) {
               const int rows = static_cast<int>(std::min<int64_t>(MAX_ROWS, m1 - m));
@@ -155,8 +161,15 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
                 r[i] = rp ? rp + (m + i) * K + j * PANEL : nullptr;
                 o[i] = yp + (m + i) * K + j * PANEL;
               }
-              RF_ISA(any_tile)(rows, a.data() + (m - m0) / MAX_ROWS * tile_ptrs, segs, panel, d, bp + j * PANEL,
-                               rp ? r : nullptr, o, n, relu, first, last);
+              const float* const* ap = a.data() + (m - m0) / MAX_ROWS * tile_ptrs;
+#ifdef RESNET_FAST_AVX2
+              if (wide) {
+                cpu_avx512::any_tile_wide(rows, np, ap, segs, panel, taps * C * PANEL, d, bp + j * PANEL,
+                                          rp ? r : nullptr, o, n, relu, first, last);
+                continue;
+              }
+#endif
+              RF_ISA(any_tile)(rows, ap, segs, panel, d, bp + j * PANEL, rp ? r : nullptr, o, n, relu, first, last);
             }
           }
         }

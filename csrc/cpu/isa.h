@@ -18,6 +18,16 @@ inline bool use_avx2() {
 #endif
 }
 
+// AVX-512F (kernels built with RF_KERNELS_AVX512, see cpu/isa_kernels.h).
+inline bool use_avx512() {
+#ifdef RESNET_FAST_AVX2
+  static const bool yes = use_avx2() && __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 }  // namespace resnet_fast
 
 #ifdef RESNET_FAST_AVX2

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .. import _plan
 from ..nn.blocks import SHORTCUTS, BasicBlock, FusedModule, make_shortcut
 from ..nn.functional import conv_bn_act, run_owning_residuals
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 
+@_plan.register_module_type("_downsamplings")
 class CifarResNet(FusedModule):
     """ResNet (or plain net, ``residual=False``) of ``depth = 6n + 2`` layers for 32x32 images.
 
@@ -95,6 +97,10 @@ class CifarResNet(FusedModule):
         choose_layout(self)
 
     def _forward_fused(self, x: Tensor) -> Tensor:
+        # In inference, replayed from its recording where resnet_fast._plan allows it.
+        return _plan.forward(self, x, self._forward_modules)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
         x = to_internal_layout(x, self.conv1)
         x = conv_bn_act(x, self.conv1, self.bn1)

@@ -21,6 +21,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models._api import WeightsEnum
 from torchvision.models._utils import _ovewrite_named_param
 
+from .. import _plan
 from ..nn.blocks import SHORTCUTS, BasicBlock, Bottleneck, FusedModule, MaxPool2d, make_shortcut
 from ..nn.functional import conv_bn_act, run_owning_residuals
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 
+@_plan.register_module_type("_downsamplings")
 class ResNet(FusedModule):
     """The ImageNet ResNet (He et al. 2015, Table 1), with torchvision's constructor.
 
@@ -166,6 +168,10 @@ class ResNet(FusedModule):
         return nn.Sequential(*layers)
 
     def _forward_fused(self, x: Tensor) -> Tensor:
+        # In inference, replayed from its recording where resnet_fast._plan allows it.
+        return _plan.forward(self, x, self._forward_modules)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
         x = to_internal_layout(x, self.conv1)
         x = conv_bn_act(x, self.conv1, self.bn1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _routing, ops
+from .. import _plan, _routing, ops
 from .functional import conv_bn_act
 
 
@@ -51,6 +51,7 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
+@_plan.register_module_type("in_channels", "out_channels", "stride")
 class ZeroPadShortcut(FusedModule):
     """The paper's option-A shortcut (section 3.3): identity subsampled by ``stride``, with the
     ``out_channels - in_channels`` extra channels filled with zeros. Parameter-free."""
@@ -78,6 +79,7 @@ class ZeroPadShortcut(FusedModule):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
 
 
+@_plan.register_module_type(*_plan._POOL)
 class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` (same arguments, repr and behaviour) that, on the CPU kernels' path and when
     no gradient is needed, computes only the window maxima (:func:`resnet_fast.ops.max_pool2d`)
@@ -115,6 +117,7 @@ def shortcut_of(downsample: nn.Module | None, x: Tensor) -> tuple[Tensor, int]:
     return downsample(x), 1
 
 
+@_plan.register_module_type("stride", "residual", "downsample")
 class BasicBlock(FusedModule):
     """Two 3x3 convolutions (Fig. 2 left); ``residual=False`` gives the plain nets' block."""
 
@@ -173,6 +176,7 @@ class BasicBlock(FusedModule):
         return out
 
 
+@_plan.register_module_type("stride", "residual", "downsample")
 class Bottleneck(FusedModule):
     """1x1 reduce, 3x3, 1x1 expand (Fig. 5 right).
 

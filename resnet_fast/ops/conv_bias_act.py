@@ -4,7 +4,7 @@ add and ReLU as the epilogue of its register tiles, and the weight packed once i
 output channels.
 
 Formula: :func:`resnet_fast.ops.reference.conv_bias_act`. Kernel: ``csrc/cpu/conv_gemm.cpp``
-(its register tile in ``conv_gemm_kernels.inc``). Used by :func:`resnet_fast.nn.conv_bn_act` in
+(its register tiles, AVX2's 6 x 16 and AVX-512's 6 x 64, in ``conv_gemm_kernels.inc``). Used by :func:`resnet_fast.nn.conv_bn_act` in
 inference (``model.eval()``, nothing to differentiate) where
 :func:`resnet_fast._routing.conv_bn_inference_plan` says ``"gemm"``.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _routing
 
 PANEL = 16  # output channels per packed panel (csrc/cpu/conv_gemm.cpp)
 
@@ -34,18 +34,23 @@ def pack_conv_weight(weight: Tensor) -> Tensor:
 
 
 def conv_bias_act(x: Tensor, weight_packed: Tensor, bias: Tensor, residual: Tensor | None = None,
-                  relu: bool = True, kernel: int = 1, stride: int = 1, padding: int = 0) -> Tensor:
+                  relu: bool = True, kernel: int = 1, stride: int = 1, padding: int = 0,
+                  wide: bool | None = None) -> Tensor:
     """``relu(conv2d(x, weight, stride, padding) + bias + residual)`` from the packed weight
     (:func:`pack_conv_weight`) of a square ``kernel``; a kernel larger than 1x1 needs a multiple
-    of 16 output channels. CPU, float32; the output is channels_last."""
-    return torch.ops.resnet_fast.conv_bias_act(x, weight_packed, bias, residual, relu, kernel, stride, padding)
+    of 16 output channels. CPU, float32; the output is channels_last. ``wide``: AVX-512 register
+    tiles (6 pixels x 64 channels) rather than AVX2's (6 x 16); None:
+    :func:`resnet_fast._routing.gemm_wide_tiles`."""
+    if wide is None:
+        wide = _routing.gemm_wide_tiles()
+    return torch.ops.resnet_fast.conv_bias_act(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide)
 
 
 def register() -> None:
     """The fake kernel of ``resnet_fast::conv_bias_act`` (an inference op: no autograd)."""
 
     @torch.library.register_fake("resnet_fast::conv_bias_act")
-    def _(x, weight_packed, bias, residual, relu, kernel, stride, padding):
+    def _(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide=False):
         torch._check(x.dim() == 4, lambda: f"conv_bias_act: expected a 4-D input, got {x.dim()}-D")
         n, _c, h, w = x.shape
         return torch.empty(

@@ -112,3 +112,19 @@ def test_block_ends_write_into_their_residual_only_when_the_network_owns_it():
     handle.remove()
     kept_tensor, snapshot = seen["out"]
     assert torch.equal(kept_tensor, snapshot)
+
+
+def test_a_model_built_under_inference_mode_runs_as_torchvisions():
+    # Its parameters are inference tensors, without version counters: nothing folded can be cached
+    # (nor a forward planned), so it runs the convolutions and the fused BatchNorm as they are.
+    with torch.inference_mode():
+        tv = torchvision.models.resnet18().eval()
+        model = resnet_fast.resnet18().eval()
+        model.load_state_dict(tv.state_dict())
+        x = torch.randn(2, 3, 64, 64)
+        expected = tv(x)
+        for _ in range(2):
+            torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+        model.layer1[0].bn1.running_var.mul_(4.0)  # in place, untracked
+        tv.layer1[0].bn1.running_var.mul_(4.0)
+        torch.testing.assert_close(model(x), tv(x), rtol=1e-4, atol=1e-4)

@@ -42,31 +42,42 @@ def output_size(h, kernel, stride, padding):
     return (h + 2 * padding - kernel) // stride + 1
 
 
+# The register tiles: AVX2's 6 x 16 (run by every x86-64 CPU with AVX2) and AVX-512's 6 x 64.
+HAS_AVX512 = _routing.CPU_CAPABILITY == "AVX512"
+TILES = [
+    pytest.param(False, id="6x16"),
+    pytest.param(True, id="6x64", marks=pytest.mark.skipif(
+        not HAS_AVX512, reason=f"the AVX-512 tiles need AVX-512; this CPU has {_routing.CPU_CAPABILITY}")),
+]
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "noncontiguous"])
 @pytest.mark.parametrize("with_residual, relu", [(False, True), (True, True), (False, False)])
-def test_matches_formula(shape, layout, with_residual, relu):
+@pytest.mark.parametrize("wide", TILES)
+def test_matches_formula(shape, layout, with_residual, relu, wide):
     n, c, h, w, k, r, s, p = shape
     oh, ow = output_size(h, r, s, p), output_size(w, r, s, p)
     x = make_input((n, c, h, w), torch.float32, layout)
     weight = torch.randn(k, c, r, r) / (c * r * r) ** 0.5
     bias = torch.randn(k)
     residual = make_input((n, k, oh, ow), torch.float32, layout) if with_residual else None
-    y = conv_bias_act(x, pack_conv_weight(weight), bias, residual, relu, r, s, p)
+    y = conv_bias_act(x, pack_conv_weight(weight), bias, residual, relu, r, s, p, wide)
     assert y.shape == (n, k, oh, ow) and y.is_contiguous(memory_format=torch.channels_last)
     expected = expected_output(x, weight, bias, residual, relu, s, p)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("c, kernel", [(64, 1), (512, 1), (2048, 1), (256, 3)])
-def test_error_within_twice_pytorchs_own(c, kernel):
+@pytest.mark.parametrize("wide", TILES)
+def test_error_within_twice_pytorchs_own(c, kernel, wide):
     """Against float64, no more than 2x the error of PyTorch's float32 convolution (oneDNN's
     direct path) on the same data: every output sums C * kernel^2 products in float32 either way."""
     x = torch.randn(2, c, 7, 7).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(256, c, kernel, kernel) / (c * kernel**2) ** 0.5, torch.randn(256)
     pad = kernel // 2
     exact = expected_output(x, weight, bias, None, False, 1, pad)
-    ours = conv_bias_act(x, pack_conv_weight(weight), bias, None, False, kernel, 1, pad)
+    ours = conv_bias_act(x, pack_conv_weight(weight), bias, None, False, kernel, 1, pad, wide)
     theirs = F.conv2d(x, weight, bias, 1, pad)
     ours_err, theirs_err = (ours.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
     assert ours_err <= 2 * theirs_err, (ours_err, theirs_err)
@@ -86,7 +97,8 @@ def test_weight_packing():
         pack_conv_weight(torch.randn(4, 3, 3, 1))
 
 
-def test_non_finite_values_stay_in_their_windows_and_channels():
+@pytest.mark.parametrize("wide", TILES)
+def test_non_finite_values_stay_in_their_windows_and_channels(wide):
     """A NaN input reaches exactly the outputs whose window holds it (every output channel), an
     inf weight those of its output channel, as in the direct convolution; the padding of the last
     panel never leaks into a real channel."""
@@ -96,18 +108,19 @@ def test_non_finite_values_stay_in_their_windows_and_channels():
         weight, bias = torch.randn(k, 8, kernel, kernel), torch.randn(k)
         weight[17, 5] = float("inf")
         pad = kernel // 2
-        y = conv_bias_act(x, pack_conv_weight(weight), bias, None, False, kernel, 1, pad)
+        y = conv_bias_act(x, pack_conv_weight(weight), bias, None, False, kernel, 1, pad, wide)
         expected = expected_output(x, weight, bias, None, False, 1, pad)
         assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
         finite = expected.isfinite()
         torch.testing.assert_close(y.double()[finite], expected[finite], rtol=1e-5, atol=2e-5)
 
 
-def test_relu_keeps_nan_like_torch_relu():
+@pytest.mark.parametrize("wide", TILES)
+def test_relu_keeps_nan_like_torch_relu(wide):
     x = torch.zeros(1, 8, 2, 2).contiguous(memory_format=torch.channels_last)
     bias = -torch.ones(20)
     bias[3] = bias[18] = float("nan")  # in a full panel and in the partial one
-    y = conv_bias_act(x, pack_conv_weight(torch.zeros(20, 8, 1, 1)), bias, None, True)
+    y = conv_bias_act(x, pack_conv_weight(torch.zeros(20, 8, 1, 1)), bias, None, True, wide=wide)
     nan = torch.zeros(20, dtype=torch.bool)
     nan[[3, 18]] = True
     assert y[:, nan].isnan().all() and (y[:, ~nan] == 0).all()
@@ -136,15 +149,22 @@ def test_bad_input_is_refused_clearly(args, message):
         torch.ops.resnet_fast.conv_bias_act(*args)
 
 
+@pytest.mark.skipif(HAS_AVX512, reason="this CPU has AVX-512: its wide tiles run")
+def test_wide_tiles_without_avx512_are_refused():
+    with pytest.raises(RuntimeError, match="without AVX-512F"):
+        torch.ops.resnet_fast.conv_bias_act(X, W1, torch.randn(8), None, True, 1, 1, 0, True)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("kernel, stride, padding, k", [(1, 1, 0, 20), (1, 2, 0, 20), (3, 2, 1, 32)])
-def test_opcheck(layout, kernel, stride, padding, k):
+@pytest.mark.parametrize("wide", TILES)
+def test_opcheck(layout, kernel, stride, padding, k, wide):
     x = make_input((2, 8, 5, 4), torch.float32, layout)
     oh, ow = output_size(5, kernel, stride, padding), output_size(4, kernel, stride, padding)
     residual = make_input((2, k, oh, ow), torch.float32, layout)
     packed = pack_conv_weight(torch.randn(k, 8, kernel, kernel))
     torch.library.opcheck(
-        torch.ops.resnet_fast.conv_bias_act, (x, packed, torch.randn(k), residual, True, kernel, stride, padding)
+        torch.ops.resnet_fast.conv_bias_act, (x, packed, torch.randn(k), residual, True, kernel, stride, padding, wide)
     )
 
 
