@@ -104,7 +104,7 @@ def _walk(model: nn.Module) -> tuple[list, list] | None:
         if cls not in known:
             return None
         d = mod.__dict__
-        if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]:
+        if _routing.has_hooks(mod):
             return None
         if "forward" in d:  # a forward patched onto the instance: the user's code
             return None
@@ -136,13 +136,6 @@ def _input_key(x: Tensor) -> tuple:
         tuple(x.shape), x.stride(), x.dtype, x.device, x.storage_offset(),
         torch.is_inference_mode_enabled(), _backend.get_backend(),
     )
-
-
-class _Slot:
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
 
 
 class _Refused(Exception):
