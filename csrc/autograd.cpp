@@ -202,7 +202,9 @@ class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
   }
 };
 
-using Conv3x3Signature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool);
+using OptTensor = std::optional<at::Tensor>;
+using Conv3x3Signature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool, const OptTensor&,
+                                    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
 
 const c10::TypedOperatorHandle<Conv3x3Signature>& conv3x3_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -211,53 +213,99 @@ const c10::TypedOperatorHandle<Conv3x3Signature>& conv3x3_op() {
   return op;
 }
 
+at::Tensor call_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd, bool kernel) {
+  return conv3x3_op().call(x, weight, stride, winograd, kernel, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                           std::nullopt, 0.0, true);
+}
+
 // conv3x3_train: at stride 1 the input gradient is the op itself on the flipped, transposed weight
 // (so Winograd runs it where it runs the forward: C and K swap, and the rule is symmetric in them;
 // double backward differentiates it again); at stride 2 it is ATen's (oneDNN's backward-data).
 // The weight gradient is conv3x3_weight_grad, by our kernel where the caller's plan says so.
+// Where x is relu(batch_norm(bn_input)) (the bn_* arguments), x is not kept: the weight gradient
+// recomputes it from bn_input, bit for bit, inside our kernel (its prologue) or whole before ATen's;
+// under create_graph (a second derivative to come) x is recomputed by batch_norm_act itself, so that
+// the weight gradient's dependence on x reaches bn_input and the BatchNorm's parameters as it would
+// through x.
 class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
-                               bool winograd, bool weight_grad_kernel) {
+                               bool winograd, bool weight_grad_kernel, const OptTensor& bn_input,
+                               const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& bn_mean,
+                               const OptTensor& bn_var, double bn_eps, bool bn_training) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({x, weight});
+    const bool recompute = bn_input.has_value();
+    if (recompute)
+      ctx->save_for_backward({*bn_input, weight, *bn_weight, *bn_bias, *bn_mean, *bn_var});
+    else
+      ctx->save_for_backward({x, weight});
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["winograd"] = winograd;
     ctx->saved_data["weight_grad_kernel"] = weight_grad_kernel;
-    return {conv3x3_op().call(x, weight, stride, winograd, weight_grad_kernel)};
+    ctx->saved_data["recompute"] = recompute;
+    ctx->saved_data["bn_eps"] = bn_eps;
+    ctx->saved_data["bn_training"] = bn_training;
+    return {conv3x3_op().call(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
+                              bn_var, bn_eps, bn_training)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    using WeightGradSignature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, const OptTensor&,
+                                           const OptTensor&, const OptTensor&, const OptTensor&, double);
     static const auto weight_grad_op = c10::Dispatcher::singleton()
                                            .findSchemaOrThrow("resnet_fast::conv3x3_weight_grad", "")
-                                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+                                           .typed<WeightGradSignature>();
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1];
+    const at::Tensor &x = saved[0], &weight = saved[1];  // x: bn_input where recomputing
     const int64_t stride = ctx->saved_data["stride"].toInt();
     const bool winograd = ctx->saved_data["winograd"].toBool();
     const bool kernel = ctx->saved_data["weight_grad_kernel"].toBool();
+    const bool recompute = ctx->saved_data["recompute"].toBool();
     at::Tensor grad_x, grad_weight;
     if (ctx->needs_input_grad(0)) {
       // The convolution with the flipped, transposed weight (its own weight gradient, needed only
       // in a double backward, is ATen's: our kernel's channel rules are not symmetric in C and K).
+      // ATen's input gradient reads only x's shape, which bn_input shares.
       if (stride == 1)
-        grad_x = conv3x3_op().call(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false);
+        grad_x = call_conv3x3(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false);
       else
         grad_x = std::get<0>(at::convolution_backward(grads[0], x, weight, std::nullopt, {stride, stride}, {1, 1},
                                                       {1, 1}, false, {0, 0}, 1, {true, false, false}));
     }
     if (ctx->needs_input_grad(1)) {
-      grad_weight = weight_grad_op.call(grads[0], x, stride, kernel);
+      if (!recompute) {
+        grad_weight = weight_grad_op.call(grads[0], x, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
+                                          std::nullopt, 0.0);
+      } else {
+        const at::Tensor &bn_weight = saved[2], &bn_bias = saved[3], &mean = saved[4], &var = saved[5];
+        const double eps = ctx->saved_data["bn_eps"].toDouble();
+        const bool training = ctx->saved_data["bn_training"].toBool();
+        if (at::GradMode::is_enabled()) {
+          const at::Tensor input = std::get<0>(call_forward(x, bn_weight, bn_bias, training ? OptTensor() : mean,
+                                                            training ? OptTensor() : var, std::nullopt, 1, training,
+                                                            eps, true));
+          grad_weight = weight_grad_op.call(grads[0], input, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
+                                            std::nullopt, 0.0);
+        } else {
+          grad_weight = weight_grad_op.call(grads[0], x, stride, kernel, bn_weight, bn_bias, mean, var, eps);
+        }
+      }
       if (!grad_weight.is_contiguous(weight.suggest_memory_format()))  // the parameter's own layout
         grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
     }
-    return {grad_x, grad_weight, at::Tensor(), at::Tensor(), at::Tensor()};
+    variable_list out(12);  // one per argument: x and weight get gradients; bn_* make x, which carries them
+    out[0] = grad_x;
+    out[1] = grad_weight;
+    return out;
   }
 };
 
 at::Tensor conv3x3_train_autograd(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd,
-                                  bool weight_grad_kernel) {
-  return Conv3x3Train::apply(x, weight, stride, winograd, weight_grad_kernel)[0];
+                                  bool weight_grad_kernel, const OptTensor& bn_input, const OptTensor& bn_weight,
+                                  const OptTensor& bn_bias, const OptTensor& bn_mean, const OptTensor& bn_var,
+                                  double bn_eps, bool bn_training) {
+  return Conv3x3Train::apply(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
+                             bn_var, bn_eps, bn_training)[0];
 }
 
 at::Tensor zero_pad_shortcut_autograd(const at::Tensor& x, int64_t out_channels, int64_t stride) {

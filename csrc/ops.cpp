@@ -71,8 +71,20 @@ TORCH_LIBRARY(resnet_fast, m) {
   // the forward and, at stride 1, the input gradient by Winograd F(2x2, 3x3), else ATen's;
   // `weight_grad_kernel`: the weight gradient by our AVX2 kernel (conv3x3_weight_grad), else ATen's.
   // conv3x3_weight_grad returns dW of shape (K, C, 3, 3) in channels_last.
-  m.def("conv3x3_train(Tensor x, Tensor weight, int stride, bool winograd, bool weight_grad_kernel) -> Tensor");
-  m.def("conv3x3_weight_grad(Tensor grad_out, Tensor x, int stride, bool kernel) -> Tensor");
+  // bn_input (with bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training): x is
+  // batch_norm_act(bn_input, ...)'s output with ReLU and no residual, normalised with bn_mean and
+  // bn_var (the statistics that op returned); the backward then keeps bn_input (which the
+  // BatchNorm's backward keeps anyway) instead of x, and recomputes x where it needs it.
+  m.def(
+      "conv3x3_train(Tensor x, Tensor weight, int stride, bool winograd, bool weight_grad_kernel, "
+      "Tensor? bn_input=None, Tensor? bn_weight=None, Tensor? bn_bias=None, Tensor? bn_mean=None, "
+      "Tensor? bn_var=None, float bn_eps=0.0, bool bn_training=True) -> Tensor");
+  // With bn_weight, bn_bias, bn_mean, bn_var (float32, C each) and bn_eps, the convolution's input is
+  // relu(batch_norm(x)) with them, recomputed as batch_norm_act's forward computes it (the weight
+  // gradient is not differentiable then).
+  m.def(
+      "conv3x3_weight_grad(Tensor grad_out, Tensor x, int stride, bool kernel, Tensor? bn_weight=None, "
+      "Tensor? bn_bias=None, Tensor? bn_mean=None, Tensor? bn_var=None, float bn_eps=0.0) -> Tensor");
   // Inference: relu(conv3x3(x, weight) + bias + residual), stride 1, padding 1, by Winograd
   // F(2x2, 3x3) with the weight given transformed, (16, C, K), by winograd_weight (in float64,
   // rounded once to float32). CPU, float32 only.

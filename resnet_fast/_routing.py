@@ -17,7 +17,8 @@ which implementation of an op?           :func:`impl_for` (backend and device)
 is the fused path on for a device?       :func:`fused_path`
 BatchNorm (+ add) (+ ReLU)               :func:`batch_norm_act_impl`
 a training 3x3 convolution               :func:`conv3x3_train_plan` (our op? Winograd? our
-                                         weight gradient?)
+                                         weight gradient?), :func:`recomputes_conv_input`
+                                         (keep its input, or recompute it from the BatchNorm's?)
 inference conv + BN                      :func:`conv_bn_inference_plan` (folded: oneDNN
                                          post-ops, Winograd, our 1x1 GEMM, or cuDNN +
                                          epilogue)
@@ -323,6 +324,20 @@ def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int) -> Conv3x3Plan | 
         weight_grad_kernel_applies(c, k),
     )
     return plan if any(plan) else None
+
+
+# A training 3x3 convolution whose input is relu(bn(x)) from the fused CPU BatchNorm (no residual:
+# the first unit of a basic block, the 1x1 reduce of a bottleneck) keeps for its backward the
+# BatchNorm's input x, which the BatchNorm's own backward keeps anyway, instead of its input: one
+# activation fewer per block alive from the forward to the backward; the weight gradient
+# recomputes the input from x (inside our kernel, where it runs; a pass before ATen's elsewhere).
+RECOMPUTE_CONV_INPUT = True
+
+
+def recomputes_conv_input(bn_impl: str, conv_plan: "Conv3x3Plan | None") -> bool:
+    """Whether the 3x3 training convolution run by ``conv_plan`` (our op) recomputes its input from
+    the BatchNorm run by ``bn_impl`` (the CPU kernel's output, reproduced bit for bit)."""
+    return RECOMPUTE_CONV_INPUT and bn_impl == "cpu" and conv_plan is not None
 
 
 def _inference_tensors(conv: nn.Module, bn: nn.Module) -> bool:

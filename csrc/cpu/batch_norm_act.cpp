@@ -341,6 +341,33 @@ void channel_affine_act(const at::Tensor& x, at::Tensor& y, const at::Tensor& sc
   });
 }
 
+std::pair<at::Tensor, at::Tensor> bn_forward_affine(const at::Tensor& weight, const at::Tensor& bias,
+                                                    const at::Tensor& mean, const at::Tensor& var, double eps) {
+  TORCH_INTERNAL_ASSERT(mean.scalar_type() == at::kFloat && var.scalar_type() == at::kFloat);
+  const at::Tensor m = mean.contiguous(), v = var.contiguous();
+  std::vector<float> scale, shift;
+  forward_scale_shift(weight, bias, m.const_data_ptr<float>(), v.const_data_ptr<float>(), eps, scale, shift);
+  const auto opts = mean.options().dtype(at::kFloat);
+  at::Tensor s = at::empty({int64_t(scale.size())}, opts), h = at::empty({int64_t(shift.size())}, opts);
+  std::copy(scale.begin(), scale.end(), s.mutable_data_ptr<float>());
+  std::copy(shift.begin(), shift.end(), h.mutable_data_ptr<float>());
+  return {s, h};
+}
+
+ReluAffineRows::ReluAffineRows(const float* scale, const float* shift, int64_t channels)
+    : C_(channels),
+      R_(cpu_generic::period_rows(channels)),
+      scale_(cpu_generic::replicate(scale, channels, R_)),
+      shift_(cpu_generic::replicate(shift, channels, R_)) {}
+
+void ReluAffineRows::operator()(const float* x, float* y, int64_t rows) const {
+  // Period by period, as apply_channels_last walks a tensor without a residual.
+  for (int64_t m = 0; m < rows; m += R_) {
+    const int64_t len = std::min(R_, rows - m) * C_;
+    RF_ISA(apply_span<true, float, float>)(x + m * C_, scale_.data(), shift_.data(), nullptr, y + m * C_, len);
+  }
+}
+
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("batch_norm_act", &batch_norm_act_cpu);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);

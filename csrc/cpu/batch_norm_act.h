@@ -4,6 +4,8 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
+#include <vector>
 
 namespace resnet_fast {
 
@@ -20,5 +22,24 @@ struct ResidualView {
 // scale, shift: contiguous, C elements, in the accumulation dtype (float; double for double x).
 void channel_affine_act(const at::Tensor& x, at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
                         const std::optional<at::Tensor>& residual, int64_t residual_stride, bool relu);
+
+// The forward's affine of batch_norm_act for a float32 input, as its kernels compute it from the
+// parameters and the statistics it normalised with: scale = weight / sqrt(var + eps), shift = bias -
+// mean * scale (C float32 values each, contiguous).
+std::pair<at::Tensor, at::Tensor> bn_forward_affine(const at::Tensor& weight, const at::Tensor& bias,
+                                                    const at::Tensor& mean, const at::Tensor& var, double eps);
+
+// relu(x * scale[c] + shift[c]) over consecutive rows of C float32 channels (a channels_last span):
+// the apply pass of batch_norm_act's forward without a residual, bit for bit, for a kernel that
+// recomputes that output from the BatchNorm's input rather than keeping it (conv3x3_train).
+class ReluAffineRows {
+ public:
+  ReluAffineRows(const float* scale, const float* shift, int64_t channels);
+  void operator()(const float* x, float* y, int64_t rows) const;
+
+ private:
+  int64_t C_, R_;                     // channels; rows of a period (the apply pass's span)
+  std::vector<float> scale_, shift_;  // replicated over R_ rows
+};
 
 }  // namespace resnet_fast

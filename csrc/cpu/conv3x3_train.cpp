@@ -20,19 +20,29 @@
 // Work is split over images (each thread accumulates its images into its own copy of dW, summed
 // at the end; a batch smaller than the thread count splits the output channels instead), and each
 // image into chunks of rows whose dy (16 KB) and x stay in L1/L2 while all the tiles sweep them.
+//
+// With a BatchNorm prologue, x is the input of the BatchNorm whose output relu(x * scale + shift)
+// the convolution read (the caller's backward keeps that input, not the output): each chunk's
+// input rows go through the BatchNorm's own apply loop (ReluAffineRows, bit for bit the forward's)
+// into a per-thread buffer, which the tiles then sweep; the recomputation costs one pass over x in
+// cache, against a whole activation not kept from the forward to the backward.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
+#include <tuple>
 #include <vector>
 
-#include "cpu/winograd.h"
+#include "cpu/batch_norm_act.h"
 #include "cpu/isa.h"
+#include "cpu/winograd.h"
 
 #ifdef RESNET_FAST_AVX2
 #include <immintrin.h>
@@ -70,9 +80,10 @@ inline __m256 load_or_zero(const float* p, bool in_map) { return in_map ? _mm256
 // image; every row's input row h*ST + r - 1 is inside the map. `first`/`last`: which of the three
 // vectors are inside the map at a row's first and last pixel (bit v for vector v). The 12
 // accumulators are plain locals so that they stay in registers across the whole sweep.
+// x holds the image's input rows from row0 on.
 template <int ST>
-void sweep_tile(const float* dy, const float* x, const Geometry& g, int64_t h0, int64_t h1, int r, int64_t k,
-                int64_t j, int first, int last, float* out, int64_t ld) {
+void sweep_tile(const float* dy, const float* x, int64_t row0, const Geometry& g, int64_t h0, int64_t h1, int r,
+                int64_t k, int64_t j, int first, int last, float* out, int64_t ld) {
   const int64_t C = g.C, K = g.K, OW = g.OW;
   __m256 a00 = _mm256_loadu_ps(out), a01 = _mm256_loadu_ps(out + 8), a02 = _mm256_loadu_ps(out + 16);
   __m256 a10 = _mm256_loadu_ps(out + ld), a11 = _mm256_loadu_ps(out + ld + 8), a12 = _mm256_loadu_ps(out + ld + 16);
@@ -82,7 +93,7 @@ void sweep_tile(const float* dy, const float* x, const Geometry& g, int64_t h0, 
          a32 = _mm256_loadu_ps(out + 3 * ld + 16);
   for (int64_t h = h0; h < h1; ++h) {
     // x of output pixel w, column j: input pixel w*ST - 1 of input row h*ST + r - 1, plus j floats.
-    const float* xrow = x + ((h * ST + r - 1) * g.W - 1) * C + j;
+    const float* xrow = x + ((h * ST + r - 1 - row0) * g.W - 1) * C + j;
     const float* drow = dy + h * OW * K + k;
     {
       __m256 x0 = load_or_zero(xrow, first & 1), x1 = load_or_zero(xrow + 8, first & 2),
@@ -108,16 +119,27 @@ void sweep_tile(const float* dy, const float* x, const Geometry& g, int64_t h0, 
 }
 #undef RF_TILE_FMA
 
+// Output rows a chunk: their dy is about 16 KB.
+int64_t chunk_rows(const Geometry& g) { return std::max<int64_t>(1, 16384 / (g.OW * g.K * int64_t(sizeof(float)))); }
+
 // Adds image n's contribution for output channel blocks [kb0, kb1) (of 4) to acc (K x 9C, dW's
-// channels_last order).
+// channels_last order). With a prologue, each chunk's input rows are first recomputed into buf.
 void accumulate_image(const float* dy, const float* x, const Geometry& g, int64_t n, int64_t kb0, int64_t kb1,
-                      float* acc) {
+                      float* acc, const ReluAffineRows* prologue, float* buf) {
   const int64_t C = g.C, K = g.K, ld = 9 * C;
   const float* xi = x + n * g.H * g.W * C;
   const float* di = dy + n * g.OH * g.OW * K;
-  const int64_t rows = std::max<int64_t>(1, 16384 / (g.OW * K * int64_t(sizeof(float))));
+  const int64_t rows = chunk_rows(g);
   for (int64_t c0 = 0; c0 < g.OH; c0 += rows) {
     const int64_t c1 = std::min(g.OH, c0 + rows);
+    const float* xs = xi;  // the input rows the tiles read, from row0 on
+    int64_t row0 = 0;
+    if (prologue != nullptr) {
+      row0 = std::max<int64_t>(0, c0 * g.stride - 1);
+      const int64_t row1 = std::min<int64_t>(g.H, (c1 - 1) * g.stride + 2);
+      (*prologue)(xi + row0 * g.W * C, buf, (row1 - row0) * g.W);
+      xs = buf;
+    }
     for (int r = 0; r < 3; ++r) {
       int64_t h0 = c0, h1 = c1;  // the rows whose input row h*stride + r - 1 is inside the map
       while (h0 < h1 && h0 * g.stride + r - 1 < 0) ++h0;
@@ -134,26 +156,30 @@ void accumulate_image(const float* dy, const float* x, const Geometry& g, int64_
         for (int64_t kb = kb0; kb < kb1; ++kb) {
           float* out = acc + kb * 4 * ld + r * 3 * C + j;
           if (g.stride == 1)
-            sweep_tile<1>(di, xi, g, h0, h1, r, kb * 4, j, first, last, out, ld);
+            sweep_tile<1>(di, xs, row0, g, h0, h1, r, kb * 4, j, first, last, out, ld);
           else
-            sweep_tile<2>(di, xi, g, h0, h1, r, kb * 4, j, first, last, out, ld);
+            sweep_tile<2>(di, xs, row0, g, h0, h1, r, kb * 4, j, first, last, out, ld);
         }
       }
     }
   }
 }
 
-void weight_grad_avx2(const float* dy, const float* x, const Geometry& g, float* out) {
+void weight_grad_avx2(const float* dy, const float* x, const Geometry& g, float* out, const ReluAffineRows* prologue) {
   const int64_t KB = g.K / 4, size = g.K * 9 * g.C;
   const int threads = at::get_num_threads();
   std::vector<float> partial(size_t(threads) * size, 0.f);
+  // A chunk's input rows, halo included, per thread (the prologue's output).
+  const int64_t buf_size = prologue == nullptr ? 0 : (chunk_rows(g) * g.stride + 2) * g.W * g.C;
+  std::vector<float> bufs(size_t(threads) * buf_size);
   // Work items are (image, block of 4 output channels), image-major: a thread's contiguous range
   // is whole images unless the batch is smaller than the thread count.
   at::parallel_for(0, g.N * KB, 1, [&](int64_t i0, int64_t i1) {
     float* acc = partial.data() + size_t(at::get_thread_num()) * size;
+    float* buf = bufs.data() + size_t(at::get_thread_num()) * buf_size;
     for (int64_t i = i0; i < i1;) {
       const int64_t n = i / KB, kb0 = i % KB, kb1 = std::min(KB, kb0 + (i1 - i));
-      accumulate_image(dy, x, g, n, kb0, kb1, acc);
+      accumulate_image(dy, x, g, n, kb0, kb1, acc, prologue, buf);
       i += kb1 - kb0;
     }
   });
@@ -180,19 +206,44 @@ bool kernel_can_run(const at::Tensor& grad_out, const at::Tensor& x) {
          grad_out.size(1) % 4 == 0;
 }
 
-at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x, int64_t stride, bool kernel) {
-  TORCH_CHECK(x.dim() == 4 && grad_out.dim() == 4, "conv3x3_weight_grad: expected 4-D (N, C, H, W) tensors, got x of ",
-              x.dim(), "-D and grad_out of ", grad_out.dim(), "-D");
+at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, int64_t stride, bool kernel,
+                                   const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                                   const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
+                                   double bn_eps) {
+  TORCH_CHECK(input.dim() == 4 && grad_out.dim() == 4,
+              "conv3x3_weight_grad: expected 4-D (N, C, H, W) tensors, got x of ", input.dim(), "-D and grad_out of ",
+              grad_out.dim(), "-D");
+  const bool prologue = bn_weight.has_value() || bn_bias.has_value() || bn_mean.has_value() || bn_var.has_value();
+  at::Tensor scale, shift;
+  if (prologue) {
+    const int64_t C = input.size(1);
+    for (const auto* t : {&bn_weight, &bn_bias, &bn_mean, &bn_var})
+      TORCH_CHECK(t->has_value() && (*t)->dim() == 1 && (*t)->size(0) == C && (*t)->scalar_type() == at::kFloat &&
+                      input.scalar_type() == at::kFloat,
+                  "conv3x3_weight_grad: a BatchNorm prologue takes a float32 x and bn_weight, bn_bias, bn_mean and "
+                  "bn_var, float32 vectors of its ", C, " channels");
+    std::tie(scale, shift) = bn_forward_affine(*bn_weight, *bn_bias, *bn_mean, *bn_var, bn_eps);
+  }
   TORCH_CHECK(stride == 1 || stride == 2, "conv3x3_weight_grad: expected stride 1 or 2, got ", stride);
-  TORCH_CHECK(x.scalar_type() == grad_out.scalar_type(), "conv3x3_weight_grad: x is ", x.scalar_type(),
+  TORCH_CHECK(input.scalar_type() == grad_out.scalar_type(), "conv3x3_weight_grad: x is ", input.scalar_type(),
               " but grad_out is ", grad_out.scalar_type());
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = grad_out.size(1);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = grad_out.size(1);
   TORCH_CHECK(grad_out.size(0) == N && grad_out.size(2) == conv_out_size(H, stride) &&
                   grad_out.size(3) == conv_out_size(W, stride),
-              "conv3x3_weight_grad: grad_out of shape ", grad_out.sizes(), " does not fit an input of shape ", x.sizes(),
+              "conv3x3_weight_grad: grad_out of shape ", grad_out.sizes(), " does not fit an input of shape ", input.sizes(),
               " (3x3, padding 1, stride ", stride, ": expected (", N, ", K, ", conv_out_size(H, stride), ", ",
               conv_out_size(W, stride), "))");
   const auto cl = at::MemoryFormat::ChannelsLast;
+  // The prologue runs inside our kernel on a channels_last x; anywhere else x is recomputed whole,
+  // by the same apply pass in x's layout (the forward's, bit for bit).
+  const bool in_kernel =
+      prologue && kernel && kernel_can_run(grad_out, input) && input.is_contiguous(cl) && input.numel() > 0;
+  at::Tensor x = input;
+  if (prologue && !in_kernel) {
+    const at::Tensor src = input.contiguous(input.suggest_memory_format());
+    x = at::empty_like(src);
+    channel_affine_act(src, x, scale, shift, std::nullopt, 1, true);
+  }
 #ifdef RESNET_FAST_AVX2
   TORCH_CHECK(!kernel || !use_avx2() || kernel_can_run(grad_out, x),
               "conv3x3_weight_grad: our kernel takes float32 with input channels a multiple of 8 and output channels a "
@@ -201,7 +252,10 @@ at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor&
     const at::Tensor xc = x.contiguous(cl), gc = grad_out.contiguous(cl);
     at::Tensor out = at::empty({K, C, 3, 3}, x.options().memory_format(cl));
     const Geometry g{N, C, H, W, K, gc.size(2), gc.size(3), stride};
-    weight_grad_avx2(gc.const_data_ptr<float>(), xc.const_data_ptr<float>(), g, out.mutable_data_ptr<float>());
+    std::optional<ReluAffineRows> rows;
+    if (in_kernel) rows.emplace(scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), C);
+    weight_grad_avx2(gc.const_data_ptr<float>(), xc.const_data_ptr<float>(), g, out.mutable_data_ptr<float>(),
+                     rows.has_value() ? &*rows : nullptr);
     return out;
   }
 #endif
@@ -212,10 +266,25 @@ at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor&
   return std::get<1>(grads).contiguous(cl);
 }
 
+// The bn_* arguments are the backward's (csrc/autograd.cpp): how x was made, checked here.
 at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd,
-                             bool /*weight_grad_kernel: the backward's (csrc/autograd.cpp)*/) {
+                             bool /*weight_grad_kernel*/, const std::optional<at::Tensor>& bn_input,
+                             const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                             const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
+                             double /*bn_eps*/, bool /*bn_training*/) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "conv3x3_train: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
+  if (bn_input.has_value()) {
+    TORCH_CHECK(bn_input->sizes() == x.sizes() && bn_input->scalar_type() == at::kFloat &&
+                    x.scalar_type() == at::kFloat,
+                "conv3x3_train: bn_input (the BatchNorm input x was made from) must be float32 of x's shape, got ",
+                bn_input->scalar_type(), " ", bn_input->sizes(), " for x ", x.scalar_type(), " ", x.sizes());
+    const int64_t C = x.size(1);
+    for (const auto* t : {&bn_weight, &bn_bias, &bn_mean, &bn_var})
+      TORCH_CHECK(t->has_value() && (*t)->dim() == 1 && (*t)->size(0) == C,
+                  "conv3x3_train: with bn_input, bn_weight, bn_bias, bn_mean and bn_var must be vectors of x's ", C,
+                  " channels");
+  }
   TORCH_CHECK(stride == 1 || stride == 2, "conv3x3_train: expected stride 1 or 2, got ", stride);
   if (winograd) {  // the weight transformed at each call: it changes at every step
     TORCH_CHECK(stride == 1, "conv3x3_train: Winograd F(2x2, 3x3) runs stride 1 only, got stride ", stride);

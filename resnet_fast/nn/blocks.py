@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _plan, _routing, ops
-from .functional import conv_bn_act
+from .functional import conv_bn_act, conv_bn_relu_source
 
 
 class FusedModule(nn.Module):
@@ -155,11 +155,11 @@ class BasicBlock(FusedModule):
         self.residual = residual
 
     def _forward_fused(self, x: Tensor) -> Tensor:
-        out = conv_bn_act(x, self.conv1, self.bn1)
+        out, source = conv_bn_relu_source(x, self.conv1, self.bn1)
         if not self.residual:
-            return conv_bn_act(out, self.conv2, self.bn2)
+            return conv_bn_act(out, self.conv2, self.bn2, input_source=source)
         identity, stride = shortcut_of(self.downsample, x)
-        return conv_bn_act(out, self.conv2, self.bn2, residual=identity, residual_stride=stride)
+        return conv_bn_act(out, self.conv2, self.bn2, residual=identity, residual_stride=stride, input_source=source)
 
     def _forward_formula(self, x: Tensor) -> Tensor:  # torchvision's BasicBlock.forward
         identity = x
@@ -218,8 +218,8 @@ class Bottleneck(FusedModule):
         self.residual = residual
 
     def _forward_fused(self, x: Tensor) -> Tensor:
-        out = conv_bn_act(x, self.conv1, self.bn1)
-        out = conv_bn_act(out, self.conv2, self.bn2)
+        out, source = conv_bn_relu_source(x, self.conv1, self.bn1)
+        out = conv_bn_act(out, self.conv2, self.bn2, input_source=source)
         if not self.residual:
             return conv_bn_act(out, self.conv3, self.bn3)
         identity, stride = shortcut_of(self.downsample, x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextvars
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,22 @@ def _unfused_bn_act(x: Tensor, bn: nn.Module, residual: Tensor | None, relu: boo
     return torch.relu_(y) if relu else y
 
 
+class ConvInput(NamedTuple):
+    """How the fused BatchNorm made an activation ``relu(bn(x))`` (no residual): its input, parameters,
+    the statistics it normalised with and the implementation that ran. The training 3x3 convolution
+    that reads the activation keeps these for its backward instead of the activation
+    (:func:`resnet_fast._routing.recomputes_conv_input`)."""
+
+    x: Tensor
+    weight: Tensor
+    bias: Tensor
+    mean: Tensor
+    var: Tensor
+    eps: float
+    training: bool
+    impl: str
+
+
 def bn_act(
     x: Tensor, bn: nn.Module, residual: Tensor | None = None, relu: bool = True, residual_stride: int = 1
 ) -> Tensor:
@@ -36,8 +53,20 @@ def bn_act(
     A residual with fewer channels than ``x`` or a ``residual_stride`` > 1 is the option-A
     shortcut: subsampled and zero-padded, read in place by the fused kernel. A BatchNorm that
     :func:`resnet_fast._routing.steps_aside` (another norm layer, hooks) runs its own forward."""
+    return _bn_act(x, bn, residual, relu, residual_stride)[0]
+
+
+def bn_relu_source(x: Tensor, bn: nn.Module) -> tuple[Tensor, ConvInput | None]:
+    """``relu(bn(x))`` as :func:`bn_act`, and how it was made (:class:`ConvInput`) where the
+    fused op made it (None where the BatchNorm ran its own forward or the formula)."""
+    return _bn_act(x, bn, None, True, 1, source=True)
+
+
+def _bn_act(
+    x: Tensor, bn: nn.Module, residual: Tensor | None, relu: bool, residual_stride: int, source: bool = False
+) -> tuple[Tensor, ConvInput | None]:
     if _routing.steps_aside(bn):
-        return _unfused_bn_act(x, bn, residual, relu, residual_stride)
+        return _unfused_bn_act(x, bn, residual, relu, residual_stride), None
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D input (N, C, H, W) to {bn}, got shape {tuple(x.shape)}")
     # The same momentum bookkeeping as torch.nn.modules.batchnorm._BatchNorm.forward.
@@ -47,7 +76,7 @@ def bn_act(
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
-    return ops.batch_norm_act(
+    y, mean, var = ops.batch_norm_act(
         x,
         bn.weight,
         bn.bias,
@@ -59,18 +88,28 @@ def bn_act(
         residual,
         relu,
         residual_stride,
+        return_stats=True,
     )
+    if not source or mean is None:
+        return y, None
+    impl = _routing.batch_norm_act_impl(x, bn.weight, bn.bias)
+    return y, ConvInput(x, bn.weight, bn.bias, mean, var, bn.eps, use_batch_stats, impl)
 
 
-def _conv(x: Tensor, conv: nn.Module) -> Tensor:
+def _conv(x: Tensor, conv: nn.Module, source: ConvInput | None = None) -> Tensor:
     """``conv(x)``; the residual nets' 3x3 convolutions in training go through
-    ``resnet_fast::conv3x3_train`` where :func:`resnet_fast._routing.conv3x3_train_plan` has a plan."""
+    ``resnet_fast::conv3x3_train`` where :func:`resnet_fast._routing.conv3x3_train_plan` has a plan,
+    given how x was made (``source``) where :func:`resnet_fast._routing.recomputes_conv_input`."""
     if not _routing.is_conv3x3(conv) or _routing.steps_aside(conv):
         return conv(x)
     plan = _routing.conv3x3_train_plan(x, conv.weight, conv.stride[0])
     if plan is None:
         return conv(x)
-    return torch.ops.resnet_fast.conv3x3_train(x, conv.weight, conv.stride[0], plan.winograd, plan.weight_grad_kernel)
+    args = (x, conv.weight, conv.stride[0], plan.winograd, plan.weight_grad_kernel)
+    if source is not None and _routing.recomputes_conv_input(source.impl, plan):
+        s = source
+        return torch.ops.resnet_fast.conv3x3_train(*args, s.x, s.weight, s.bias, s.mean, s.var, s.eps, s.training)
+    return torch.ops.resnet_fast.conv3x3_train(*args)
 
 
 # -- inference: BatchNorm folded into the convolution ----------------------------------------
@@ -145,15 +184,17 @@ def conv_bn_act(
     residual: Tensor | None = None,
     relu: bool = True,
     residual_stride: int = 1,
+    input_source: ConvInput | None = None,
 ) -> Tensor:
     """``relu(bn(conv(x)) + residual)``. In inference (eval mode, nothing requiring a gradient),
     BatchNorm is folded into the convolution's weights once (cached) and the residual add and
     ReLU run as the convolution's epilogue, as :func:`resnet_fast._routing.conv_bn_inference_plan`
-    decides. Otherwise (training) the convolution runs as is, a 3x3 one through our op, and
-    :func:`bn_act` fuses the rest."""
+    decides. Otherwise (training) the convolution runs as is, a 3x3 one through our op (told how x
+    was made where ``input_source`` says, from :func:`conv_bn_relu_source`), and :func:`bn_act`
+    fuses the rest."""
     path = _routing.conv_bn_inference_plan(x, conv, bn)
     if path is None:
-        return bn_act(_conv(x, conv), bn, residual, relu, residual_stride)
+        return bn_act(_conv(x, conv, input_source), bn, residual, relu, residual_stride)
     weight, bias = _folded_weights(x, conv, bn, path)
     if path == "epilogue":
         y = F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -175,3 +216,12 @@ def conv_bn_act(
     return torch.ops.mkldnn._convolution_pointwise.binary(
         x, residual, weight, bias, *args, "add", None, "relu" if relu else None, [], ""
     )
+
+
+def conv_bn_relu_source(x: Tensor, conv: nn.Module, bn: nn.Module) -> tuple[Tensor, ConvInput | None]:
+    """``relu(bn(conv(x)))`` as :func:`conv_bn_act`, and, in training, how the fused BatchNorm made
+    it (:class:`ConvInput`, else None): the unit whose output a block's next 3x3 convolution reads,
+    which passes it on as ``input_source``."""
+    if _routing.conv_bn_inference_plan(x, conv, bn) is not None:
+        return conv_bn_act(x, conv, bn), None
+    return bn_relu_source(_conv(x, conv), bn)

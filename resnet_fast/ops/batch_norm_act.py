@@ -36,14 +36,18 @@ def batch_norm_act(
     residual: Tensor | None = None,
     relu: bool = True,
     residual_stride: int = 1,
-) -> Tensor:
+    return_stats: bool = False,
+):
     """``relu(batch_norm(x) + r)``, with ``r`` the residual subsampled by ``residual_stride`` and
-    zero-padded to x's channels (the option-A shortcut read in place); see the formula."""
+    zero-padded to x's channels (the option-A shortcut read in place); see the formula. With
+    ``return_stats``, ``(y, mean, var)``: the statistics the kernel normalised with (None, None
+    from the formula)."""
     impl = _routing.batch_norm_act_impl(x, weight, bias)
     if impl == "eager":
         if residual is not None and (residual_stride != 1 or residual.shape[1] != x.shape[1]):
             residual = reference.zero_pad_shortcut(residual, x.shape[1], residual_stride)
-        return reference.batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu)
+        y = reference.batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu)
+        return (y, None, None) if return_stats else y
     if training and x.numel() > 0 and x.shape[0] * x.shape[2] * x.shape[3] == 1:
         # The same error (type and words) as torch.nn.functional.batch_norm.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
@@ -70,7 +74,7 @@ def batch_norm_act(
                 # unbiased variance.
                 running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 running_var.mul_(1 - momentum).add_((var * (n / max(n - 1, 1))).to(running_var.dtype), alpha=momentum)
-    return y
+    return (y, mean, var) if return_stats else y
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:

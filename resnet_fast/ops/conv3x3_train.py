@@ -37,14 +37,15 @@ def register() -> None:
     convolution's autograd is in C++."""
 
     @torch.library.register_fake("resnet_fast::conv3x3_train")
-    def _(x, weight, stride, winograd, weight_grad_kernel):
+    def _(x, weight, stride, winograd, weight_grad_kernel, bn_input=None, bn_weight=None, bn_bias=None, bn_mean=None,
+          bn_var=None, bn_eps=0.0, bn_training=True):
         # PyTorch's convolution on the fake tensors: its shape checks and output layout (Winograd's
         # output is channels_last whatever the input's).
         y = F.conv2d(x, weight, None, stride, 1)
         return y.contiguous(memory_format=torch.channels_last) if winograd else y
 
     @torch.library.register_fake("resnet_fast::conv3x3_weight_grad")
-    def _(grad_out, x, stride, kernel):
+    def _(grad_out, x, stride, kernel, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None, bn_eps=0.0):
         torch._check(x.dim() == 4 and grad_out.dim() == 4, lambda: "conv3x3_weight_grad: expected 4-D tensors")
         return torch.empty(
             (grad_out.shape[1], x.shape[1], 3, 3), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
@@ -52,12 +53,20 @@ def register() -> None:
 
     # dW is bilinear in (grad_out, x): <V, dW> = sum(grad_out * conv3x3(x, V)), so its gradients
     # for a cotangent V are conv3x3(x, V) and the input gradient of that convolution.
+    # With a BatchNorm prologue the op is the backward's, never differentiated (under create_graph
+    # the input is recomputed by batch_norm_act and passed without one).
     def setup_context(ctx, inputs, output):
-        grad_out, x, stride, _kernel = inputs
+        grad_out, x, stride, _kernel, bn_weight, bn_bias, bn_mean, bn_var, _eps = inputs
         ctx.save_for_backward(grad_out, x)
         ctx.stride = stride
+        ctx.prologue = any(t is not None for t in (bn_weight, bn_bias, bn_mean, bn_var))
 
     def backward(ctx, v):
+        if ctx.prologue:
+            raise RuntimeError(
+                "resnet_fast::conv3x3_weight_grad with a BatchNorm prologue (bn_*) is not differentiable; pass "
+                "the recomputed input instead"
+            )
         grad_out, x = ctx.saved_tensors
         s = ctx.stride
         d_grad_out = d_x = None
@@ -67,7 +76,7 @@ def register() -> None:
             d_x = torch.ops.aten.convolution_backward(
                 grad_out, x, v, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
             )[0]
-        return d_grad_out, d_x, None, None
+        return d_grad_out, d_x, None, None, None, None, None, None, None
 
     torch.library.register_autograd("resnet_fast::conv3x3_weight_grad", backward, setup_context=setup_context)
 

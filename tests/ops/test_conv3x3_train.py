@@ -303,3 +303,179 @@ def test_random_shapes_match_float64(n, c8, k4, h, w, stride, channels_last):
     x = make_input((n, 8 * c8, h, w), torch.float32, layout)
     grad_out = make_input((n, 4 * k4, (h - 1) // stride + 1, (w - 1) // stride + 1), torch.float32, layout)
     assert_weight_grad_close(torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, stride, True), grad_out, x, stride)
+
+
+# -- the input recomputed from the BatchNorm that made it (bn_input; the weight gradient's prologue) --
+
+
+def random_bn(c, positive=False):
+    """A BatchNorm's (weight, bias, mean, var); with ``positive`` every recomputed value is > 0."""
+    weight, var = torch.rand(c) + 0.5, torch.rand(c) + 0.5
+    mean = torch.randn(c) * 0.1 if positive else torch.randn(c)
+    bias = torch.rand(c) + 3.0 if positive else torch.randn(c)
+    return weight, bias, mean, var
+
+
+def bn_relu_formula(x, weight, bias, mean, var, eps=1e-5):
+    v = lambda t: t[:, None, None]  # noqa: E731
+    return torch.relu((x - v(mean)) / torch.sqrt(v(var) + eps) * v(weight) + v(bias))
+
+
+@pytest.mark.parametrize("shape, kernel", WEIGHT_GRAD_CASES, ids=lambda v: "ours" if v is True else "aten" if v is False else str(v))
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_weight_grad_prologue_matches_formula(shape, layout, kernel):
+    """With a BatchNorm prologue the op's input is relu(batch_norm(x)): recomputed inside our
+    kernel (channels_last) or whole before ATen's."""
+    n, c, h, w, k, stride = shape
+    x = make_input((n, c, h, w), torch.float32, layout)
+    bn = random_bn(c)
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    grad_out = make_input((n, k, oh, ow), torch.float32, layout)
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, stride, kernel, *bn, 1e-5)
+    assert_weight_grad_close(got, grad_out, bn_relu_formula(x, *bn), stride)  # a within a rounding of the kernel's
+
+
+def test_weight_grad_prologue_reads_nothing_outside_the_input():
+    """The prologue recomputes only the map's own rows: zero padding stays zero (relu(shift) > 0
+    would be wrong there) and the neighbouring images (NaN) are not read."""
+    x_all = torch.full((4, 16, 6, 6), float("nan")).contiguous(memory_format=torch.channels_last)
+    x = x_all[1:3]
+    x.copy_(torch.rand(x.shape))
+    bn = random_bn(16, positive=True)
+    assert (bn_relu_formula(x, *bn) > 0).all()
+    for stride in (1, 2):
+        g = torch.randn(2, 8, 6 // stride, 6 // stride).contiguous(memory_format=torch.channels_last)
+        got = torch.ops.resnet_fast.conv3x3_weight_grad(g, x, stride, True, *bn, 1e-5)
+        assert not got.isnan().any()
+        assert_weight_grad_close(got, g, bn_relu_formula(x, *bn), stride)
+
+
+def bn_then_conv(x1, bn_w, bn_b, w, stride, plan, recompute, training=True, running=None):
+    """conv3x3_train(relu(batch_norm(x1))), the convolution told how its input was made or not."""
+    rm, rv = (None, None) if running is None else running
+    a, mean, var = torch.ops.resnet_fast.batch_norm_act(x1, bn_w, bn_b, rm, rv, None, 1, training, 1e-5, True)
+    extra = (x1, bn_w, bn_b, mean, var, 1e-5, training) if recompute else ()
+    return torch.ops.resnet_fast.conv3x3_train(a, w, stride, *plan, *extra)
+
+
+# (channels, plan, stride): our weight gradient takes (16, 32) and (136, 8); ATen's all three.
+RECOMPUTE_CASES = [
+    pytest.param(ch, p, s, id=f"{ch[0]}x{ch[1]}-{name}-s{s}")
+    for ch in [(16, 32), (136, 8), (12, 8)]
+    for name, p in PLANS.items()
+    for s in (1, 2)
+    if not (p[0] and s != 1) and (kernel_takes(*ch) or not p[1])
+]
+
+
+@pytest.mark.parametrize("channels, plan, stride", RECOMPUTE_CASES)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("training", [True, False], ids=["batch-stats", "running-stats"])
+def test_recomputed_input_gives_the_same_gradients_bit_for_bit(plan, stride, layout, channels, training):
+    """The backward recomputes the input exactly as the BatchNorm's forward made it: every gradient
+    is the one the kept input gives, bit for bit (our kernel's prologue, or ATen's after a pass)."""
+    c, k = channels
+    x1 = make_input((3, c, 9, 8), torch.float32, layout)
+    w = make_input((k, c, 3, 3), torch.float32, layout)
+    bn_w, bn_b = torch.rand(c) + 0.5, torch.randn(c)
+    running = None if training else (torch.randn(c), torch.rand(c) + 0.5)
+    results = []
+    for recompute in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x1, bn_w, bn_b, w)]
+        y = bn_then_conv(*leaves[:3], leaves[3], stride, plan, recompute, training, running)
+        y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for plain, recomputed in zip(*results):
+        assert torch.equal(plain, recomputed)
+
+
+def test_recomputing_conv_keeps_the_batchnorm_input_not_its_own():
+    x1 = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    bn_w, bn_b = torch.rand(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    w = torch.randn(16, 16, 3, 3, requires_grad=True)
+    for recompute in (False, True):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (kept.append(t), t)[1], lambda t: t):
+            a, mean, var = torch.ops.resnet_fast.batch_norm_act(x1, bn_w, bn_b, None, None, None, 1, True, 1e-5, True)
+            extra = (x1, bn_w, bn_b, mean, var, 1e-5, True) if recompute else ()
+            torch.ops.resnet_fast.conv3x3_train(a, w, 1, False, True, *extra)
+        kept_a = any(t.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() for t in kept)
+        assert kept_a != recompute
+
+
+@pytest.mark.parametrize("plan", [(False, True), (True, True), (False, False)], ids=["our-wgrad", "winograd+our-wgrad", "aten"])
+def test_double_backward_through_a_recomputed_input(plan):
+    """Under create_graph the input is recomputed by batch_norm_act itself, differentiably: a
+    gradient penalty gets the gradients that keeping the input gives."""
+
+    def penalty(recompute):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x1, bn_w, bn_b, w)]
+        y = bn_then_conv(*leaves[:3], leaves[3], 1, plan, recompute)
+        (gw,) = torch.autograd.grad(y.square().sum(), leaves[3], create_graph=True)
+        gw.square().sum().backward()
+        return [t.grad for t in leaves]
+
+    x1 = make_input((2, 16, 6, 6), torch.float32, "channels_last")
+    bn_w, bn_b, w = torch.rand(16) + 0.5, torch.randn(16), torch.randn(16, 16, 3, 3)
+    for kept, recomputed in zip(penalty(False), penalty(True)):
+        torch.testing.assert_close(recomputed, kept, rtol=1e-5, atol=1e-5 * kept.abs().max().item())
+
+
+def test_recompute_arguments_are_checked():
+    x = torch.randn(2, 16, 6, 6)
+    w, g = torch.randn(8, 16, 3, 3), torch.randn(2, 8, 6, 6)
+    v = torch.randn(16)
+    with pytest.raises(RuntimeError, match="bn_weight, bn_bias, bn_mean and bn_var, float32 vectors of its 16 channels"):
+        torch.ops.resnet_fast.conv3x3_weight_grad(g, x, 1, False, v, v, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="float32 vectors of its 16 channels"):
+        torch.ops.resnet_fast.conv3x3_weight_grad(g, x, 1, False, v, v, v, torch.rand(8), 1e-5)
+    with pytest.raises(RuntimeError, match="takes a float32 x"):
+        torch.ops.resnet_fast.conv3x3_weight_grad(g.double(), x.double(), 1, False, v, v, v, v, 1e-5)
+    with pytest.raises(RuntimeError, match="bn_input .* must be float32 of x's shape"):
+        torch.ops.resnet_fast.conv3x3_train(x, w, 1, False, True, torch.randn(2, 16, 5, 5), v, v, v, v, 1e-5, True)
+    with pytest.raises(RuntimeError, match="must be vectors of x's 16 channels"):
+        torch.ops.resnet_fast.conv3x3_train(x, w, 1, False, True, x, v, v, torch.randn(8), v, 1e-5, True)
+    g.requires_grad_(True)
+    gw = torch.ops.resnet_fast.conv3x3_weight_grad(g, x, 1, False, *random_bn(16), 1e-5)
+    with pytest.raises(RuntimeError, match="with a BatchNorm prologue .* is not differentiable"):
+        gw.sum().backward()
+
+
+def test_opcheck_with_a_recomputed_input():
+    x1 = make_input((2, 8, 6, 5), torch.float32, "channels_last", requires_grad=True)
+    bn_w, bn_b = torch.rand(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    a, mean, var = torch.ops.resnet_fast.batch_norm_act(x1, bn_w, bn_b, None, None, None, 1, True, 1e-5, True)
+    w = make_input((4, 8, 3, 3), torch.float32, "channels_last", requires_grad=True)
+    for stride, plan in ((1, (True, True)), (2, (False, True))):
+        torch.library.opcheck(
+            torch.ops.resnet_fast.conv3x3_train, (a.detach().requires_grad_(True), w, stride, *plan, x1.detach(),
+                                                  bn_w.detach(), bn_b.detach(), mean, var, 1e-5, True)
+        )
+    g = make_input((2, 4, 6, 5), torch.float32, "channels_last")
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x1.detach(), 1, True, *random_bn(8), 1e-5))
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18"])
+def test_models_recompute_block_inputs_with_the_same_gradients(monkeypatch, arch):
+    """A whole training step with the first unit of each block recomputed by the next convolution
+    (resnet_fast._routing.recomputes_conv_input) gives the gradients and statistics of one that
+    keeps it, bit for bit, and keeps one activation fewer per block."""
+    monkeypatch.setattr(_routing, "_AVX512", False)  # the plans (our op) of an AVX2 CPU
+    size = 32 if arch == "resnet20" else 64
+    results = []
+    for recompute in (False, True):
+        monkeypatch.setattr(_routing, "RECOMPUTE_CONV_INPUT", recompute)
+        torch.manual_seed(0)
+        model = resnet_fast.get_model(arch)
+        x = torch.randn(4, 3, size, size)
+        kept = set()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (kept.add(t.untyped_storage().data_ptr()), t)[1], lambda t: t):
+            loss = model(x).square().mean()
+        loss.backward()
+        results.append((len(kept), [p.grad for p in model.parameters()], list(model.state_dict().values())))
+    (kept_plain, grads_plain, state_plain), (kept_re, grads_re, state_re) = results
+    # One per block whose second 3x3 convolution runs our op: ResNet-18's layer4 (512 x 512 channels)
+    # has no plan, PyTorch's convolution keeps its input.
+    assert kept_re == kept_plain - (9 if arch == "resnet20" else 6)
+    assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_re))
+    assert all(torch.equal(a, b) for a, b in zip(state_plain, state_re))
