@@ -1,5 +1,5 @@
-// Autograd of resnet_fast::batch_norm_act, zero_pad_shortcut and conv3x3_train in C++, for the
-// extension's own kernels (CPU and CUDA; conv3x3_train is CPU only).
+// Autograd of resnet_fast::batch_norm_act, zero_pad_shortcut, conv3x3_train and conv1x1_train in C++,
+// for the extension's own kernels (CPU and CUDA; the two convolutions are CPU only).
 // The same rules as the Python registration that the Triton ops use (resnet_fast/ops/
 // batch_norm_act.py, `register`), without Python on the path: a training step calls this op once
 // per BatchNorm, and the Python autograd function cost about 100 us per call forward + backward
@@ -308,6 +308,70 @@ at::Tensor conv3x3_train_autograd(const at::Tensor& x, const at::Tensor& weight,
                              bn_var, bn_eps, bn_training)[0];
 }
 
+// conv1x1_train: x = relu(batch_norm(bn_input)) is not kept. The input gradient is ATen's
+// backward-data (it reads only x's shape, which bn_input shares); the weight gradient ATen's on x
+// recomputed by batch_norm_act with the forward's statistics (eval mode: the same affine, the same
+// apply pass, bit for bit); under create_graph x is recomputed by batch_norm_act as the forward ran
+// it, differentiably, and both gradients come from it.
+class Conv1x1Train : public torch::autograd::Function<Conv1x1Train> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                               const at::Tensor& bn_input, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                               const at::Tensor& bn_mean, const at::Tensor& bn_var, double bn_eps, bool bn_training) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("resnet_fast::conv1x1_train", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, double, bool)>();
+    ctx->save_for_backward({bn_input, weight, bn_weight, bn_bias, bn_mean, bn_var});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["bn_eps"] = bn_eps;
+    ctx->saved_data["bn_training"] = bn_training;
+    return {op.call(x, weight, stride, bn_input, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &bn_input = saved[0], &weight = saved[1], &bn_weight = saved[2], &bn_bias = saved[3],
+                     &mean = saved[4], &var = saved[5];
+    const int64_t stride = ctx->saved_data["stride"].toInt();
+    const double eps = ctx->saved_data["bn_eps"].toDouble();
+    const bool training = ctx->saved_data["bn_training"].toBool();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const auto conv_backward = [&](const at::Tensor& input, bool dx, bool dw) {
+      return at::convolution_backward(grads[0], input, weight, std::nullopt, {stride, stride}, {0, 0}, {1, 1}, false,
+                                      {0, 0}, 1, {dx, dw, false});
+    };
+    at::Tensor grad_x, grad_weight;
+    if (at::GradMode::is_enabled()) {
+      const at::Tensor x = std::get<0>(call_forward(bn_input, bn_weight, bn_bias, training ? OptTensor() : mean,
+                                                    training ? OptTensor() : var, std::nullopt, 1, training, eps,
+                                                    true));
+      std::tie(grad_x, grad_weight, std::ignore) = conv_backward(x, need_x, need_w);
+    } else {
+      if (need_x) grad_x = std::get<0>(conv_backward(bn_input, true, false));
+      if (need_w) {
+        const at::Tensor x =
+            std::get<0>(call_forward(bn_input, bn_weight, bn_bias, mean, var, std::nullopt, 1, false, eps, true));
+        grad_weight = std::get<1>(conv_backward(x, false, true));
+      }
+    }
+    if (grad_weight.defined() && !grad_weight.is_contiguous(weight.suggest_memory_format()))
+      grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
+    variable_list out(10);  // one per argument: x and weight get gradients; bn_* make x, which carries them
+    out[0] = need_x ? grad_x : at::Tensor();
+    out[1] = need_w ? grad_weight : at::Tensor();
+    return out;
+  }
+};
+
+at::Tensor conv1x1_train_autograd(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                                  const at::Tensor& bn_input, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                                  const at::Tensor& bn_mean, const at::Tensor& bn_var, double bn_eps, bool bn_training) {
+  return Conv1x1Train::apply(x, weight, stride, bn_input, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training)[0];
+}
+
 at::Tensor zero_pad_shortcut_autograd(const at::Tensor& x, int64_t out_channels, int64_t stride) {
   return ZeroPadShortcut::apply(x, out_channels, stride)[0];
 }
@@ -327,6 +391,7 @@ TORCH_LIBRARY_IMPL(resnet_fast, Autograd, m) {
   m.impl("batch_norm_act", &batch_norm_act_autograd);
   m.impl("zero_pad_shortcut", &zero_pad_shortcut_autograd);
   m.impl("conv3x3_train", &conv3x3_train_autograd);
+  m.impl("conv1x1_train", &conv1x1_train_autograd);
 }
 
 }  // namespace resnet_fast

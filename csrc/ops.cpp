@@ -85,6 +85,13 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "conv3x3_weight_grad(Tensor grad_out, Tensor x, int stride, bool kernel, Tensor? bn_weight=None, "
       "Tensor? bn_bias=None, Tensor? bn_mean=None, Tensor? bn_var=None, float bn_eps=0.0) -> Tensor");
+  // A bottleneck's 1x1 convolution (no bias) in training, whose input x is batch_norm_act(bn_input,
+  // ...)'s output with ReLU and no residual, normalised with bn_mean and bn_var (as for
+  // conv3x3_train's bn_* arguments): ATen's convolution forward; the backward keeps bn_input instead
+  // of x and recomputes x (CPU).
+  m.def(
+      "conv1x1_train(Tensor x, Tensor weight, int stride, Tensor bn_input, Tensor bn_weight, Tensor bn_bias, "
+      "Tensor bn_mean, Tensor bn_var, float bn_eps, bool bn_training) -> Tensor");
   // Inference: relu(conv3x3(x, weight) + bias + residual), stride 1, padding 1, by Winograd
   // F(2x2, 3x3) with the weight given transformed, (16, C, K), by winograd_weight (in float64,
   // rounded once to float32). CPU, float32 only.

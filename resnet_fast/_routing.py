@@ -19,6 +19,7 @@ BatchNorm (+ add) (+ ReLU)               :func:`batch_norm_act_impl`
 a training 3x3 convolution               :func:`conv3x3_train_plan` (our op? Winograd? our
                                          weight gradient?), :func:`recomputes_conv_input`
                                          (keep its input, or recompute it from the BatchNorm's?)
+a training 1x1 convolution               :func:`conv1x1_recomputes_input`
 inference conv + BN                      :func:`conv_bn_inference_plan` (folded: oneDNN
                                          post-ops, Winograd, our 1x1 GEMM, or cuDNN +
                                          epilogue)
@@ -338,6 +339,30 @@ def recomputes_conv_input(bn_impl: str, conv_plan: "Conv3x3Plan | None") -> bool
     """Whether the 3x3 training convolution run by ``conv_plan`` (our op) recomputes its input from
     the BatchNorm run by ``bn_impl`` (the CPU kernel's output, reproduced bit for bit)."""
     return RECOMPUTE_CONV_INPUT and bn_impl == "cpu" and conv_plan is not None
+
+
+def conv1x1_recomputes_input(x: Tensor, conv: nn.Module, bn_impl: str) -> bool:
+    """Whether a bottleneck's 1x1 convolution in training runs ``resnet_fast::conv1x1_train``, which
+    recomputes its input from the BatchNorm run by ``bn_impl`` (its only gain: an activation not kept;
+    the forward and its speed are ATen's): a plain bias-free 1x1 ``nn.Conv2d`` on float32 CPU
+    tensors whose weight gets a gradient."""
+    return (
+        RECOMPUTE_CONV_INPUT
+        and bn_impl == "cpu"
+        and type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.bias is None
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.stride[0] == conv.stride[1]
+        and conv.padding_mode == "zeros"
+        and x.dtype == torch.float32
+        and conv.weight.dtype == torch.float32
+        and conv.weight.requires_grad
+        and torch.is_grad_enabled()
+        and impl_for("conv1x1_train", x.device) == "cpu"
+    )
 
 
 def _inference_tensors(conv: nn.Module, bn: nn.Module) -> bool:

@@ -219,11 +219,11 @@ class Bottleneck(FusedModule):
 
     def _forward_fused(self, x: Tensor) -> Tensor:
         out, source = conv_bn_relu_source(x, self.conv1, self.bn1)
-        out = conv_bn_act(out, self.conv2, self.bn2, input_source=source)
+        out, source = conv_bn_relu_source(out, self.conv2, self.bn2, source)
         if not self.residual:
-            return conv_bn_act(out, self.conv3, self.bn3)
+            return conv_bn_act(out, self.conv3, self.bn3, input_source=source)
         identity, stride = shortcut_of(self.downsample, x)
-        return conv_bn_act(out, self.conv3, self.bn3, residual=identity, residual_stride=stride)
+        return conv_bn_act(out, self.conv3, self.bn3, residual=identity, residual_stride=stride, input_source=source)
 
     def _forward_formula(self, x: Tensor) -> Tensor:  # torchvision's Bottleneck.forward
         identity = x

@@ -99,7 +99,14 @@ def _bn_act(
 def _conv(x: Tensor, conv: nn.Module, source: ConvInput | None = None) -> Tensor:
     """``conv(x)``; the residual nets' 3x3 convolutions in training go through
     ``resnet_fast::conv3x3_train`` where :func:`resnet_fast._routing.conv3x3_train_plan` has a plan,
-    given how x was made (``source``) where :func:`resnet_fast._routing.recomputes_conv_input`."""
+    given how x was made (``source``) where :func:`resnet_fast._routing.recomputes_conv_input`; a
+    bottleneck's 1x1 through ``resnet_fast::conv1x1_train`` where
+    :func:`resnet_fast._routing.conv1x1_recomputes_input`."""
+    if source is not None and not _routing.steps_aside(conv) and _routing.conv1x1_recomputes_input(x, conv, source.impl):
+        s = source
+        return torch.ops.resnet_fast.conv1x1_train(
+            x, conv.weight, conv.stride[0], s.x, s.weight, s.bias, s.mean, s.var, s.eps, s.training
+        )
     if not _routing.is_conv3x3(conv) or _routing.steps_aside(conv):
         return conv(x)
     plan = _routing.conv3x3_train_plan(x, conv.weight, conv.stride[0])
@@ -218,10 +225,12 @@ def conv_bn_act(
     )
 
 
-def conv_bn_relu_source(x: Tensor, conv: nn.Module, bn: nn.Module) -> tuple[Tensor, ConvInput | None]:
-    """``relu(bn(conv(x)))`` as :func:`conv_bn_act`, and, in training, how the fused BatchNorm made
-    it (:class:`ConvInput`, else None): the unit whose output a block's next 3x3 convolution reads,
-    which passes it on as ``input_source``."""
+def conv_bn_relu_source(
+    x: Tensor, conv: nn.Module, bn: nn.Module, input_source: ConvInput | None = None
+) -> tuple[Tensor, ConvInput | None]:
+    """``relu(bn(conv(x)))`` as :func:`conv_bn_act` (``input_source``: how x was made), and, in
+    training, how the fused BatchNorm made it (:class:`ConvInput`, else None): a unit whose output
+    the block's next convolution reads, which passes it on as ``input_source``."""
     if _routing.conv_bn_inference_plan(x, conv, bn) is not None:
         return conv_bn_act(x, conv, bn), None
-    return bn_relu_source(_conv(x, conv), bn)
+    return bn_relu_source(_conv(x, conv, input_source), bn)

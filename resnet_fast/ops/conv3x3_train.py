@@ -6,8 +6,12 @@ On wide stride-1 maps the forward and the input gradient run by Winograd F(2x2, 
 
 Formula: :func:`resnet_fast.ops.reference.conv3x3_train` and
 :func:`resnet_fast.ops.reference.conv3x3_weight_grad`. Which parts run by which kernel is
-:func:`resnet_fast._routing.conv3x3_train_plan`'s decision, passed to the op as arguments. The op's
-autograd is in ``csrc/autograd.cpp``; the weight gradient's own (for double backward) is here.
+:func:`resnet_fast._routing.conv3x3_train_plan`'s decision, passed to the op as arguments. Given
+the BatchNorm that made its input (the ``bn_*`` arguments, where
+:func:`resnet_fast._routing.recomputes_conv_input`), the op keeps that BatchNorm's input for its
+backward instead of its own, and the weight gradient recomputes ``relu(bn(x))`` as it loads x (a
+BatchNorm prologue). The op's autograd is in ``csrc/autograd.cpp``; the weight gradient's own (for
+double backward) is here.
 GPUs keep PyTorch's convolution (cuDNN).
 """
 

@@ -91,6 +91,12 @@ def conv3x3_train(x: Tensor, weight: Tensor, stride: int) -> Tensor:
     return F.conv2d(x, weight, None, stride, 1)
 
 
+def conv1x1_train(x: Tensor, weight: Tensor, stride: int) -> Tensor:
+    """A bottleneck's 1x1 convolution (no bias): ``y[n, k, h, w] = sum_c weight[k, c, 0, 0] *
+    x[n, c, h*stride, w*stride]``. x: (N, C, H, W), weight: (K, C, 1, 1)."""
+    return F.conv2d(x, weight, None, stride)
+
+
 def conv3x3_weight_grad(grad_out: Tensor, x: Tensor, stride: int) -> Tensor:
     """The gradient of :func:`conv3x3_train` with respect to its weight:
     ``dW[k, c, r, s] = sum_{n, h, w} grad_out[n, k, h, w] * x[n, c, h*stride + r - 1, w*stride + s - 1]``.
