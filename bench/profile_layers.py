@@ -40,22 +40,29 @@ def layer_key(x_shape, conv, residual) -> tuple:
 
 def profile_resnet_fast(model, x, forwards: int) -> tuple[dict, dict, float]:
     """Per-layer-kind median ms per forward, the path of each kind, the median forward in ms."""
-    original = _functional.conv_bn_act
+    original, original_source = _functional.conv_bn_act, _functional.conv_bn_relu_source
     times: dict[tuple, list[float]] = collections.defaultdict(list)
     paths: dict[tuple, str] = {}
     current: dict[tuple, float] = collections.defaultdict(float)
 
-    def timed(x, conv, bn, residual=None, relu=True, residual_stride=1):
+    def timed_call(fn, x, conv, bn, residual, *args, **kwargs):
         key = layer_key(x.shape, conv, residual is not None)
         if key not in paths:  # (asked once, in the first forward: not timed again in the others)
             paths[key] = _routing.conv_bn_inference_plan(x, conv, bn) or "unfused"
         t0 = time.perf_counter()
-        y = original(x, conv, bn, residual, relu, residual_stride)
+        y = fn(x, conv, bn, *args, **kwargs)
         current[key] += time.perf_counter() - t0
         return y
 
+    def timed(x, conv, bn, residual=None, relu=True, residual_stride=1, input_source=None):
+        return timed_call(original, x, conv, bn, residual, residual, relu, residual_stride, input_source)
+
+    def timed_source(x, conv, bn, input_source=None):  # a block's first units (conv_bn_relu_source)
+        return timed_call(original_source, x, conv, bn, None, input_source)
+
     totals = []
     _blocks.conv_bn_act = _resnet_models.conv_bn_act = timed
+    _blocks.conv_bn_relu_source = timed_source
     plan_forward, _routing.PLAN_FORWARD = _routing.PLAN_FORWARD, False  # (a replay would call none of them)
     try:
         with torch.inference_mode():
@@ -69,6 +76,7 @@ def profile_resnet_fast(model, x, forwards: int) -> tuple[dict, dict, float]:
                         times[k].append(v)
     finally:
         _blocks.conv_bn_act = _resnet_models.conv_bn_act = original
+        _blocks.conv_bn_relu_source = original_source
         _routing.PLAN_FORWARD = plan_forward
     return ({k: statistics.median(v) * 1e3 for k, v in times.items()}, paths, statistics.median(totals) * 1e3)
 
