@@ -206,6 +206,17 @@ using OptTensor = std::optional<at::Tensor>;
 using Conv3x3Signature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool, const OptTensor&,
                                     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
 
+// x = relu(batch_norm(bn_input)) again, as batch_norm_act made it for a convolution that did not
+// keep it: under create_graph as the forward ran it (batch statistics recomputed, differentiable
+// in bn_input and the BatchNorm's parameters), else from the forward's statistics (eval mode: the
+// same affine and apply pass, bit for bit).
+at::Tensor recompute_bn_relu(const at::Tensor& bn_input, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                             const at::Tensor& mean, const at::Tensor& var, double eps, bool training) {
+  const bool batch_stats = training && at::GradMode::is_enabled();
+  return std::get<0>(call_forward(bn_input, bn_weight, bn_bias, batch_stats ? OptTensor() : mean,
+                                  batch_stats ? OptTensor() : var, std::nullopt, 1, batch_stats, eps, true));
+}
+
 const c10::TypedOperatorHandle<Conv3x3Signature>& conv3x3_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("resnet_fast::conv3x3_train", "")
@@ -281,9 +292,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
         const double eps = ctx->saved_data["bn_eps"].toDouble();
         const bool training = ctx->saved_data["bn_training"].toBool();
         if (at::GradMode::is_enabled()) {
-          const at::Tensor input = std::get<0>(call_forward(x, bn_weight, bn_bias, training ? OptTensor() : mean,
-                                                            training ? OptTensor() : var, std::nullopt, 1, training,
-                                                            eps, true));
+          const at::Tensor input = recompute_bn_relu(x, bn_weight, bn_bias, mean, var, eps, training);
           grad_weight = weight_grad_op.call(grads[0], input, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
                                             std::nullopt, 0.0);
         } else {
@@ -345,17 +354,13 @@ class Conv1x1Train : public torch::autograd::Function<Conv1x1Train> {
     };
     at::Tensor grad_x, grad_weight;
     if (at::GradMode::is_enabled()) {
-      const at::Tensor x = std::get<0>(call_forward(bn_input, bn_weight, bn_bias, training ? OptTensor() : mean,
-                                                    training ? OptTensor() : var, std::nullopt, 1, training, eps,
-                                                    true));
+      const at::Tensor x = recompute_bn_relu(bn_input, bn_weight, bn_bias, mean, var, eps, training);
       std::tie(grad_x, grad_weight, std::ignore) = conv_backward(x, need_x, need_w);
     } else {
       if (need_x) grad_x = std::get<0>(conv_backward(bn_input, true, false));
-      if (need_w) {
-        const at::Tensor x =
-            std::get<0>(call_forward(bn_input, bn_weight, bn_bias, mean, var, std::nullopt, 1, false, eps, true));
-        grad_weight = std::get<1>(conv_backward(x, false, true));
-      }
+      if (need_w)
+        grad_weight = std::get<1>(
+            conv_backward(recompute_bn_relu(bn_input, bn_weight, bn_bias, mean, var, eps, training), false, true));
     }
     if (grad_weight.defined() && !grad_weight.is_contiguous(weight.suggest_memory_format()))
       grad_weight = grad_weight.contiguous(weight.suggest_memory_format());

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -64,3 +65,16 @@ def op_names(fn) -> list[str]:
     with torch.profiler.profile() as prof:
         fn()
     return [e.name for e in prof.events()]
+
+
+@contextlib.contextmanager
+def kept_storages():
+    """The storages (their data pointers) that autograd keeps for the backward of what runs inside."""
+    kept: set[int] = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
