@@ -274,10 +274,13 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     const bool recompute = ctx->saved_data["recompute"].toBool();
     at::Tensor grad_x, grad_weight;
     if (ctx->needs_input_grad(0)) {
-      // The convolution with the flipped, transposed weight (its own weight gradient, needed only
-      // in a double backward, is ATen's: our kernel's channel rules are not symmetric in C and K).
-      // ATen's input gradient reads only x's shape, which bn_input shares.
-      if (stride == 1)
+      // At stride 1 in the plans with a kernel of ours, the convolution with the flipped, transposed
+      // weight (Winograd's, or oneDNN's forward; its own weight gradient, needed only in a double
+      // backward, is ATen's: our kernel's channel rules are not symmetric in C and K). Otherwise
+      // ATen's input gradient, as PyTorch's convolution runs it: the plan (False, False), which runs
+      // our op only to recompute x, would pay for the flipped weight's copy (512 x 512 channels:
+      // 10 ms a call, the input gradient 12 ms). It reads only x's shape, which bn_input shares.
+      if (stride == 1 && (winograd || kernel))
         grad_x = call_conv3x3(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false);
       else
         grad_x = std::get<0>(at::convolution_backward(grads[0], x, weight, std::nullopt, {stride, stride}, {1, 1},

@@ -302,11 +302,15 @@ class Conv3x3Plan(NamedTuple):
     weight_grad_kernel: bool
 
 
-def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int) -> Conv3x3Plan | None:
+def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int, source_impl: str | None = None) -> Conv3x3Plan | None:
     """The plan of a 3x3, padding-1, bias-free convolution whose weight gets a gradient, or None
     where our op adds nothing to PyTorch's convolution: not float32 on the CPU path, another
     stride, no weight gradient to compute, or neither Winograd nor our weight gradient pays here
-    (our op's gain is the weight gradient and, on wide maps, Winograd's forward and input gradient)."""
+    and x was not made by the fused CPU BatchNorm (``source_impl``, the implementation that made
+    x = relu(bn(.)) where the caller knows it). Our op's gains are the weight gradient, on wide maps
+    Winograd's forward and input gradient, and keeping the BatchNorm's input rather than x
+    (:func:`recomputes_conv_input`): for that alone it runs with ATen's convolutions, plan
+    (False, False), e.g. wherever oneDNN has AVX-512 on ResNet-20's maps and on 512-channel ones."""
     if (
         x.dtype != torch.float32
         or weight.dtype != torch.float32
@@ -324,7 +328,7 @@ def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int) -> Conv3x3Plan | 
         winograd_applies(c, k, stride, training=True, map_size=min(x.shape[2], x.shape[3])),
         weight_grad_kernel_applies(c, k),
     )
-    return plan if any(plan) else None
+    return plan if any(plan) or (RECOMPUTE_CONV_INPUT and source_impl == "cpu") else None
 
 
 # A training 3x3 convolution whose input is relu(bn(x)) from the fused CPU BatchNorm (no residual:

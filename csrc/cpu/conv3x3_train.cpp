@@ -259,8 +259,10 @@ at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor&
     return out;
   }
 #endif
-  // Anything else: ATen's (oneDNN's) weight gradient, in the same layout.
-  const at::Tensor weight = at::zeros({K, C, 3, 3}, x.options().memory_format(cl));
+  // Anything else: ATen's (oneDNN's) weight gradient, in the same layout. The weight gradient reads
+  // only the weight's shape: an uninitialised one (zeros of 512 x 512 x 3 x 3, 9.4 MB written and
+  // faulted in at each call, took ResNet-50 layer4's weight gradient from 18.3 to 25.9 ms).
+  const at::Tensor weight = at::empty({K, C, 3, 3}, x.options().memory_format(cl));
   auto grads = at::convolution_backward(grad_out, x, weight, std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false,
                                         {0, 0}, 1, {false, true, false});
   return std::get<1>(grads).contiguous(cl);

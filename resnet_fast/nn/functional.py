@@ -109,7 +109,7 @@ def _conv(x: Tensor, conv: nn.Module, source: ConvInput | None = None) -> Tensor
         )
     if not _routing.is_conv3x3(conv) or _routing.steps_aside(conv):
         return conv(x)
-    plan = _routing.conv3x3_train_plan(x, conv.weight, conv.stride[0])
+    plan = _routing.conv3x3_train_plan(x, conv.weight, conv.stride[0], None if source is None else source.impl)
     if plan is None:
         return conv(x)
     args = (x, conv.weight, conv.stride[0], plan.winograd, plan.weight_grad_kernel)

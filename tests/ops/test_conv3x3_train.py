@@ -188,9 +188,9 @@ def test_training_plans(monkeypatch, avx512):
     256 x 256 channels in training; our weight gradient on AVX2-only CPUs, up to 128 input channels."""
     monkeypatch.setattr(_routing, "_AVX512", avx512)
 
-    def plan(n, c, h, k, stride=1):
+    def plan(n, c, h, k, stride=1, source_impl=None):
         x = torch.randn(n, c, h, h)
-        return _routing.conv3x3_train_plan(x, torch.randn(k, c, 3, 3, requires_grad=True), stride)
+        return _routing.conv3x3_train_plan(x, torch.randn(k, c, 3, 3, requires_grad=True), stride, source_impl)
 
     assert plan(2, 64, 56, 64) == (True, not avx512)
     assert plan(2, 256, 14, 256) == (True, False)
@@ -201,6 +201,14 @@ def test_training_plans(monkeypatch, avx512):
     assert plan(2, 16, 32, 32, stride=2) == (None if avx512 else (False, True))
     with torch.no_grad():
         assert plan(2, 64, 56, 64) is None  # nothing to differentiate: PyTorch's convolution
+    # An input made by the fused CPU BatchNorm (relu(bn(.))): our op runs where nothing else pays,
+    # with ATen's convolutions, to keep the BatchNorm's input instead of x.
+    assert plan(2, 512, 7, 512, source_impl="cpu") == (False, False)
+    assert plan(2, 16, 32, 16, source_impl="cpu") == (False, not avx512)
+    assert plan(2, 64, 56, 64, source_impl="cpu") == (True, not avx512)
+    assert plan(2, 512, 7, 512, source_impl="eager") is None
+    monkeypatch.setattr(_routing, "RECOMPUTE_CONV_INPUT", False)
+    assert plan(2, 512, 7, 512, source_impl="cpu") is None
 
 
 def test_gradcheck():
@@ -271,8 +279,13 @@ def test_models_route_their_3x3_convolutions_as_planned(monkeypatch, avx512):
     model = resnet_fast.get_model("resnet20")
     x = torch.randn(4, 3, 32, 32)
     names = op_names(lambda: model(x).sum().backward())
-    if avx512:  # no plan pays at ResNet-20's sizes: PyTorch's convolutions
-        assert names.count("resnet_fast::conv3x3_train") == 0
+    if avx512:
+        # Neither Winograd nor our weight gradient pays at ResNet-20's sizes; only the 9 second 3x3s
+        # run our op, with ATen's convolutions (the input gradient too), to keep the
+        # BatchNorm's input instead of theirs.
+        assert names.count("resnet_fast::conv3x3_train") == 9
+        assert names.count("resnet_fast::conv3x3_weight_grad") == 9
+        assert "aten::bmm" not in names
     else:
         # Every 3x3 convolution after the stem (whose 3 input channels our weight gradient does not
         # take: no plan, PyTorch's convolution) forward, and again for the input gradient of the 16
