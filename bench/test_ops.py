@@ -56,6 +56,30 @@ def test_max_pool2d_inference(benchmark):
     )
 
 
+def test_max_pool2d_train_fwd_bwd(benchmark):
+    # ResNet-50's stem pooling in training at batch 16: (16, 64, 112, 112) -> (16, 64, 56, 56),
+    # channels_last; ours keeps one byte per output for the backward, PyTorch's int64 indices.
+    x = torch.randn(16, 64, 112, 112).relu().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad = torch.randn(16, 64, 56, 56).contiguous(memory_format=torch.channels_last)
+
+    def run(fn):
+        def f():
+            fn(x, 3, 2, 1).backward(grad)
+            x.grad = None
+
+        return f
+
+    compare(
+        benchmark,
+        "max_pool2d_train fwd+bwd (16,64,112,112) channels_last",
+        x.numel(),
+        run(resnet_fast.ops.max_pool2d),
+        {"eager": run(F.max_pool2d)},
+        pairs=30,
+        rounds=10,
+    )
+
+
 # (input shape, output channels, stride): ResNet-20's stages at batch 128, ResNet-50's first 3x3 at batch 16.
 CONV_CASES = [
     ((128, 16, 32, 32), 16, 1),

@@ -6,7 +6,10 @@
 // (a third of a small op's time, e.g. the option-A block end of ResNet-20).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/max_pool2d_with_indices_backward.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -380,6 +383,63 @@ at::Tensor conv1x1_train_autograd(const at::Tensor& x, const at::Tensor& weight,
   return Conv1x1Train::apply(x, weight, stride, bn_input, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training)[0];
 }
 
+// max_pool2d_train keeps its one-byte window positions and its input's size, not its input (ATen's
+// max_pool2d keeps the input and int64 indices). Under create_graph the gradient is ATen's
+// max_pool2d_with_indices_backward on the flat indices made from them: differentiable in grad_y,
+// as PyTorch's pooling is.
+class MaxPool2dTrain : public torch::autograd::Function<MaxPool2dTrain> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("resnet_fast::max_pool2d_train", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::IntArrayRef,
+                                                                         at::IntArrayRef, at::IntArrayRef)>();
+    auto [y, index] = op.call(x, kernel_size, stride, padding);
+    ctx->mark_non_differentiable({index});
+    ctx->save_for_backward({index});
+    ctx->saved_data["kernel_size"] = kernel_size.vec();
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["input_size"] = std::vector<int64_t>{x.size(2), x.size(3)};
+    return {y, index};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("resnet_fast::max_pool2d_train_backward", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                              at::IntArrayRef)>();
+    const at::Tensor index = ctx->get_saved_variables()[0];
+    const auto kernel = ctx->saved_data["kernel_size"].toIntVector(), stride = ctx->saved_data["stride"].toIntVector(),
+               padding = ctx->saved_data["padding"].toIntVector(),
+               size = ctx->saved_data["input_size"].toIntVector();
+    at::Tensor grad_x;
+    if (at::GradMode::is_enabled()) {
+      const int64_t OH = index.size(2), OW = index.size(3);
+      const at::Tensor p = index.to(at::kLong);
+      const auto opts = p.options();
+      const at::Tensor h = at::arange(OH, opts).view({1, 1, OH, 1}).mul(stride[0]).sub(padding[0]).add(p.div(kernel[1], "floor"));
+      const at::Tensor w = at::arange(OW, opts).view({1, 1, 1, OW}).mul(stride[1]).sub(padding[1]).add(p.remainder(kernel[1]));
+      const at::Tensor flat = h.mul(size[1]).add(w).contiguous(index.suggest_memory_format());
+      const at::Tensor shape = at::empty({index.size(0), index.size(1), size[0], size[1]},
+                                         grads[0].options().memory_format(index.suggest_memory_format()));
+      grad_x = at::max_pool2d_with_indices_backward(grads[0], shape, kernel, stride, padding, {1, 1}, false, flat);
+    } else {
+      grad_x = backward_op.call(grads[0], index, size, kernel, stride, padding);
+    }
+    return {grad_x, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_train_autograd(const at::Tensor& x, at::IntArrayRef kernel_size,
+                                                             at::IntArrayRef stride, at::IntArrayRef padding) {
+  auto out = MaxPool2dTrain::apply(x, kernel_size, stride, padding);
+  return {out[0], out[1]};
+}
+
 at::Tensor zero_pad_shortcut_autograd(const at::Tensor& x, int64_t out_channels, int64_t stride) {
   return ZeroPadShortcut::apply(x, out_channels, stride)[0];
 }
@@ -400,6 +460,7 @@ TORCH_LIBRARY_IMPL(resnet_fast, Autograd, m) {
   m.impl("zero_pad_shortcut", &zero_pad_shortcut_autograd);
   m.impl("conv3x3_train", &conv3x3_train_autograd);
   m.impl("conv1x1_train", &conv1x1_train_autograd);
+  m.impl("max_pool2d_train", &max_pool2d_train_autograd);
 }
 
 }  // namespace resnet_fast

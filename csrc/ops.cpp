@@ -65,6 +65,14 @@ TORCH_LIBRARY(resnet_fast, m) {
   // Max pooling's values without its argmax indices (inference; dilation 1, floor mode), as
   // F.max_pool2d computes them. CPU only: the GPUs keep PyTorch's pooling.
   m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor");
+  // Training's max pooling (CPU, float32/float64, dilation 1, floor mode): the maxima and a uint8
+  // tensor of the same shape and layout, each maximum's position in its window,
+  // (h - oh * stride_h + pad_h) * kernel_w + (w - ow * stride_w + pad_w), ATen's argmax (the first
+  // maximum, the last NaN); its backward (input_size: the input's (H, W)) keeps only those.
+  m.def("max_pool2d_train(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> (Tensor, Tensor)");
+  m.def(
+      "max_pool2d_train_backward(Tensor grad_y, Tensor window_index, int[2] input_size, int[2] kernel_size, "
+      "int[2] stride, int[2] padding) -> Tensor");
 
   // The residual nets' 3x3 convolution (padding 1, no bias, stride 1 or 2) for training (CPU).
   // How it runs is decided by the caller (resnet_fast._routing.conv3x3_train_plan): `winograd`:

@@ -428,22 +428,35 @@ def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | N
     return None
 
 
-def max_pool2d_impl(x: Tensor, ceil_mode: bool = False, dilation=1, return_indices: bool = False) -> str:
+def max_pool2d_impl(
+    x: Tensor, ceil_mode: bool = False, dilation=1, return_indices: bool = False, kernel_size=(3, 3)
+) -> str:
     """``"cpu"``: our pooling without argmax indices (``resnet_fast::max_pool2d``), for
     floating-point channels_last CPU inputs that need no gradient, dilation 1, floor mode (ATen's
     CPU pooling writes an int64 index per output, 12.8 MB after ResNet-50's stem at batch 8, that
-    only a backward reads: the stem's pooling 7.0 -> 3.8 ms). ``"eager"``: PyTorch's pooling
-    (GPUs, gradients, integer inputs, NCHW)."""
+    only a backward reads: the stem's pooling 7.0 -> 3.8 ms). ``"cpu_train"``: where a gradient is
+    needed, our pooling that keeps one byte per output for its backward
+    (``resnet_fast::max_pool2d_train``: float32/float64, windows of at most 256 values, either
+    layout) instead of PyTorch's input and int64 indices. ``"eager"``: PyTorch's pooling (GPUs,
+    the indices asked for, integer and half inputs, NCHW in inference)."""
     if (
         return_indices
         or ceil_mode
         or dilation not in (1, (1, 1), [1, 1])
         or x.dim() != 4
         or not x.is_floating_point()
-        or (x.requires_grad and torch.is_grad_enabled())
-        or suggest_memory_format(x) != torch.channels_last
-        or impl_for("max_pool2d", x.device) != "cpu"
     ):
+        return "eager"
+    if x.requires_grad and torch.is_grad_enabled():
+        k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if (
+            x.dtype in (torch.float32, torch.float64)
+            and k[0] * k[1] <= 256
+            and impl_for("max_pool2d_train", x.device) == "cpu"
+        ):
+            return "cpu_train"
+        return "eager"
+    if suggest_memory_format(x) != torch.channels_last or impl_for("max_pool2d", x.device) != "cpu":
         return "eager"
     return "cpu"
 

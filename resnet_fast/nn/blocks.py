@@ -81,9 +81,10 @@ class ZeroPadShortcut(FusedModule):
 
 @_plan.register_module_type(*_plan._POOL)
 class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` (same arguments, repr and behaviour) that, on the CPU kernels' path and when
-    no gradient is needed, computes only the window maxima (:func:`resnet_fast.ops.max_pool2d`)
-    rather than ATen's maxima plus argmax indices (:func:`resnet_fast._routing.max_pool2d_impl`)."""
+    """``nn.MaxPool2d`` (same arguments, repr and behaviour) that, on the CPU kernels' path, computes
+    only the window maxima where no gradient is needed, and in training keeps one byte per output
+    for its backward rather than its input and int64 indices (:func:`resnet_fast.ops.max_pool2d`,
+    :func:`resnet_fast._routing.max_pool2d_impl`)."""
 
     def forward(self, input: Tensor):
         if torch.jit.is_scripting():
@@ -92,7 +93,10 @@ class MaxPool2d(nn.MaxPool2d):
 
     @torch.jit.unused
     def _forward_fused(self, input: Tensor):
-        if _routing.formulas_only() or _routing.max_pool2d_impl(input, self.ceil_mode, self.dilation, self.return_indices) != "cpu":
+        if _routing.formulas_only():
+            return self._forward_formula(input)
+        impl = _routing.max_pool2d_impl(input, self.ceil_mode, self.dilation, self.return_indices, self.kernel_size)
+        if impl == "eager":
             return self._forward_formula(input)
         return ops.max_pool2d(input, self.kernel_size, self.stride, self.padding)
 

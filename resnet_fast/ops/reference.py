@@ -84,6 +84,21 @@ def max_pool2d(x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int],
     return F.max_pool2d(x, kernel_size, stride, padding)
 
 
+def max_pool2d_train(
+    x: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """:func:`max_pool2d` and, for training, each maximum's position in its window as uint8:
+    ``(h - i*sh + ph) * kw + (w - j*sw + pw)`` for the input (h, w) that PyTorch's argmax picks
+    (the first maximum in the window's row-major order; the last NaN). The gradient is PyTorch's:
+    each output's gradient added to that input."""
+    y, flat = F.max_pool2d(x, kernel_size, stride, padding, return_indices=True)
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    oh = torch.arange(y.shape[2]).reshape(1, 1, -1, 1)
+    ow = torch.arange(y.shape[3]).reshape(1, 1, 1, -1)
+    h, w = flat // x.shape[3], flat % x.shape[3]
+    return y, ((h - oh * sh + ph) * kw + (w - ow * sw + pw)).to(torch.uint8)
+
+
 def conv3x3_train(x: Tensor, weight: Tensor, stride: int) -> Tensor:
     """The residual nets' 3x3 convolution (padding 1, no bias), as training runs it.
     ``y[n, k, h, w] = sum_{c, r, s} weight[k, c, r, s] * x[n, c, h*stride + r - 1, w*stride + s - 1]``

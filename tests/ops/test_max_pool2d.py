@@ -95,9 +95,11 @@ def test_routing():
         xi = (x * 10).long().contiguous(memory_format=torch.channels_last)  # integers: PyTorch's
         assert not _ran_our_kernel(lambda: max_pool2d(xi, 3, 2, 1))
         assert torch.equal(max_pool2d(xi, 3, 2, 1), F.max_pool2d(xi, 3, 2, 1))
-    # Something to differentiate: PyTorch's pooling, whose indices the backward reads.
+    # Something to differentiate: the training op, which keeps one-byte window positions
+    # (tests/ops/test_max_pool2d_train.py).
     xg = x.detach().requires_grad_(True)
-    assert not _ran_our_kernel(lambda: max_pool2d(xg, 3, 2, 1))
+    names = op_names(lambda: max_pool2d(xg, 3, 2, 1))
+    assert "resnet_fast::max_pool2d_train" in names and "resnet_fast::max_pool2d" not in names
     y = max_pool2d(xg, 3, 2, 1)
     y.backward(torch.ones_like(y))
     x_ref = x.detach().requires_grad_(True)
