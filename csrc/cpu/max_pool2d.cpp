@@ -4,7 +4,7 @@
 // And for training, max_pool2d_train: the maxima with each one's position in its window in one
 // byte (ATen keeps an int64 flat index, and its backward keeps the input too: after ResNet-50's
 // stem at batch 16, 25.7 MB of indices and the 51 MB input; ours keeps 3.2 MB), and
-// max_pool2d_train_backward, which scatters the gradient back through them. Formula:
+// max_pool2d_train_backward, which gathers each input's gradient through them. Formula:
 // resnet_fast.ops.reference.max_pool2d_train; autograd: csrc/autograd.cpp.
 // channels_last walks each output row's pixels with the channels innermost (contiguous, so the
 // compiler vectorises the max over channels); NCHW walks each plane's output rows.
