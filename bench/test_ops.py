@@ -8,6 +8,7 @@ import resnet_fast
 from resnet_fast import _routing
 from conftest import compare
 from resnet_fast.nn import bn_act
+from resnet_fast.nn.functional import stem_conv_bn_act
 from resnet_fast.ops import reference
 
 
@@ -77,6 +78,40 @@ def test_max_pool2d_train_fwd_bwd(benchmark):
         {"eager": run(F.max_pool2d)},
         pairs=30,
         rounds=10,
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, out_channels, kernel, stride", [((128, 3, 32, 32), 16, 3, 1), ((16, 3, 224, 224), 64, 7, 2)], ids=str
+)
+def test_stem_conv_bn_act_train_fwd_bwd(benchmark, shape, out_channels, kernel, stride):
+    """The stem in training (ResNet-20's at batch 128, ResNet-50's at 16): ours recomputes the
+    convolution's output in the backward instead of keeping it; PyTorch's nn.Conv2d -> BatchNorm2d
+    -> ReLU keeps it, and its BatchNorm output, for its backward. The images need no gradient."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, out_channels, kernel, stride, kernel // 2, bias=False)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    bn = torch.nn.BatchNorm2d(out_channels)
+    x = torch.randn(shape)
+    out = shape[2] // stride
+    grad = torch.randn(shape[0], out_channels, out, out).contiguous(memory_format=torch.channels_last)
+
+    def run(fn):
+        def f():
+            fn(x).backward(grad)
+            conv.weight.grad = bn.weight.grad = bn.bias.grad = None
+
+        return f
+
+    assert _routing.recomputes_conv_output(x, conv, bn, "stem")
+    compare(
+        benchmark,
+        f"stem conv{kernel}x{kernel}+BN+ReLU fwd+bwd {shape}->{out_channels} stride {stride}",
+        grad.numel(),
+        run(lambda t: stem_conv_bn_act(t, conv, bn)),
+        {"eager": run(lambda t: torch.relu(bn(conv(t))))},
+        pairs=30 if shape[0] == 128 else 10,
+        rounds=10 if shape[0] == 128 else 4,
     )
 
 

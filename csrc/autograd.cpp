@@ -1,5 +1,6 @@
-// Autograd of resnet_fast::batch_norm_act, zero_pad_shortcut, conv3x3_train and conv1x1_train in C++,
-// for the extension's own kernels (CPU and CUDA; the two convolutions are CPU only).
+// Autograd of resnet_fast::batch_norm_act, zero_pad_shortcut, conv3x3_train, conv1x1_train, max_pool2d_train and
+// conv_bn_act_train in C++, for the extension's own kernels (CPU and CUDA; the convolutions and the
+// pooling are CPU only).
 // The same rules as the Python registration that the Triton ops use (resnet_fast/ops/
 // batch_norm_act.py, `register`), without Python on the path: a training step calls this op once
 // per BatchNorm, and the Python autograd function cost about 100 us per call forward + backward
@@ -7,6 +8,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/max_pool2d_with_indices_backward.h>
@@ -207,7 +209,8 @@ class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
 
 using OptTensor = std::optional<at::Tensor>;
 using Conv3x3Signature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool, const OptTensor&,
-                                    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
+                                    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool,
+                                    const OptTensor&, int64_t, int64_t);
 
 // x = relu(batch_norm(bn_input)) again, as batch_norm_act made it for a convolution that did not
 // keep it: under create_graph as the forward ran it (batch statistics recomputed, differentiable
@@ -229,7 +232,7 @@ const c10::TypedOperatorHandle<Conv3x3Signature>& conv3x3_op() {
 
 at::Tensor call_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd, bool kernel) {
   return conv3x3_op().call(x, weight, stride, winograd, kernel, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
-                           std::nullopt, 0.0, true);
+                           std::nullopt, 0.0, true, std::nullopt, 1, 0);
 }
 
 // conv3x3_train: at stride 1 the input gradient is the op itself on the flipped, transposed weight
@@ -240,19 +243,25 @@ at::Tensor call_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t s
 // recomputes it from bn_input, bit for bit, inside our kernel (its prologue) or whole before ATen's;
 // under create_graph (a second derivative to come) x is recomputed by batch_norm_act itself, so that
 // the weight gradient's dependence on x reaches bn_input and the BatchNorm's parameters as it would
-// through x.
+// through x. Where x came from a network's stem (bn_conv_weight: conv_bn_act_train), bn_input is the
+// stem's input (the images) and the BatchNorm's input is recomputed first, by the stem's convolution.
 class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
                                bool winograd, bool weight_grad_kernel, const OptTensor& bn_input,
                                const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& bn_mean,
-                               const OptTensor& bn_var, double bn_eps, bool bn_training) {
+                               const OptTensor& bn_var, double bn_eps, bool bn_training,
+                               const OptTensor& bn_conv_weight, int64_t bn_conv_stride, int64_t bn_conv_padding) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool recompute = bn_input.has_value();
     if (recompute)
-      ctx->save_for_backward({*bn_input, weight, *bn_weight, *bn_bias, *bn_mean, *bn_var});
+      ctx->save_for_backward({*bn_input, weight, *bn_weight, *bn_bias, *bn_mean, *bn_var,
+                              bn_conv_weight.has_value() ? *bn_conv_weight : at::Tensor()});
     else
       ctx->save_for_backward({x, weight});
+    ctx->saved_data["x_size"] = x.sizes().vec();
+    ctx->saved_data["bn_conv_stride"] = bn_conv_stride;
+    ctx->saved_data["bn_conv_padding"] = bn_conv_padding;
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["winograd"] = winograd;
     ctx->saved_data["weight_grad_kernel"] = weight_grad_kernel;
@@ -260,7 +269,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     ctx->saved_data["bn_eps"] = bn_eps;
     ctx->saved_data["bn_training"] = bn_training;
     return {conv3x3_op().call(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
-                              bn_var, bn_eps, bn_training)};
+                              bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -270,7 +279,15 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
                                            .findSchemaOrThrow("resnet_fast::conv3x3_weight_grad", "")
                                            .typed<WeightGradSignature>();
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1];  // x: bn_input where recomputing
+    const at::Tensor& weight = saved[1];
+    // x: bn_input where recomputing; the stem's input where x came from the stem (bn_conv_weight), in
+    // which case the BatchNorm's input is that convolution again, recomputed for the weight gradient.
+    at::Tensor x = saved[0];
+    const at::Tensor stem_weight = saved.size() > 6 ? saved[6] : at::Tensor();
+    const auto stem_conv = [&](const at::Tensor& images) {
+      const int64_t s = ctx->saved_data["bn_conv_stride"].toInt(), p = ctx->saved_data["bn_conv_padding"].toInt();
+      return at::convolution(images, stem_weight, std::nullopt, {s, s}, {p, p}, {1, 1}, false, {0, 0}, 1);
+    };
     const int64_t stride = ctx->saved_data["stride"].toInt();
     const bool winograd = ctx->saved_data["winograd"].toBool();
     const bool kernel = ctx->saved_data["weight_grad_kernel"].toBool();
@@ -283,11 +300,18 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
       // ATen's input gradient, as PyTorch's convolution runs it: the plan (False, False), which runs
       // our op only to recompute x, would pay for the flipped weight's copy (512 x 512 channels:
       // 10 ms a call, the input gradient 12 ms). It reads only x's shape, which bn_input shares.
-      if (stride == 1 && (winograd || kernel))
+      if (stride == 1 && (winograd || kernel)) {
         grad_x = call_conv3x3(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false);
-      else
-        grad_x = std::get<0>(at::convolution_backward(grads[0], x, weight, std::nullopt, {stride, stride}, {1, 1},
-                                                      {1, 1}, false, {0, 0}, 1, {true, false, false}));
+      } else {
+        // A tensor of x's shape: the stem's input has another. Never written or read: an unfilled
+        // buffer's pages are not touched.
+        const at::Tensor shaped =
+            stem_weight.defined() ? at::empty(ctx->saved_data["x_size"].toIntVector(),
+                                              weight.options().memory_format(weight.suggest_memory_format()))
+                                  : x;
+        grad_x = std::get<0>(at::convolution_backward(grads[0], shaped, weight, std::nullopt, {stride, stride},
+                                                      {1, 1}, {1, 1}, false, {0, 0}, 1, {true, false, false}));
+      }
     }
     if (ctx->needs_input_grad(1)) {
       if (!recompute) {
@@ -297,6 +321,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
         const at::Tensor &bn_weight = saved[2], &bn_bias = saved[3], &mean = saved[4], &var = saved[5];
         const double eps = ctx->saved_data["bn_eps"].toDouble();
         const bool training = ctx->saved_data["bn_training"].toBool();
+        if (stem_weight.defined()) x = stem_conv(x);  // the BatchNorm's input, as the stem computed it
         if (at::GradMode::is_enabled()) {
           const at::Tensor input = recompute_bn_relu(x, bn_weight, bn_bias, mean, var, eps, training);
           grad_weight = weight_grad_op.call(grads[0], input, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
@@ -308,7 +333,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
       if (!grad_weight.is_contiguous(weight.suggest_memory_format()))  // the parameter's own layout
         grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
     }
-    variable_list out(12);  // one per argument: x and weight get gradients; bn_* make x, which carries them
+    variable_list out(15);  // one per argument: x and weight get gradients; bn_* make x, which carries them
     out[0] = grad_x;
     out[1] = grad_weight;
     return out;
@@ -318,9 +343,10 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
 at::Tensor conv3x3_train_autograd(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd,
                                   bool weight_grad_kernel, const OptTensor& bn_input, const OptTensor& bn_weight,
                                   const OptTensor& bn_bias, const OptTensor& bn_mean, const OptTensor& bn_var,
-                                  double bn_eps, bool bn_training) {
+                                  double bn_eps, bool bn_training, const OptTensor& bn_conv_weight,
+                                  int64_t bn_conv_stride, int64_t bn_conv_padding) {
   return Conv3x3Train::apply(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
-                             bn_var, bn_eps, bn_training)[0];
+                             bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding)[0];
 }
 
 // conv1x1_train: x = relu(batch_norm(bn_input)) is not kept. The input gradient is ATen's
@@ -381,6 +407,79 @@ at::Tensor conv1x1_train_autograd(const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& bn_input, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
                                   const at::Tensor& bn_mean, const at::Tensor& bn_var, double bn_eps, bool bn_training) {
   return Conv1x1Train::apply(x, weight, stride, bn_input, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training)[0];
+}
+
+// conv_bn_act_train (a network's stem, a projection shortcut): the convolution's output (the BatchNorm's
+// input) is not kept. The backward recomputes it from x by the same convolution (ATen's, bit for
+// bit), runs the BatchNorm (+ ReLU) backward on it (the ReLU mask from it through the forward's
+// affine), frees it and the incoming gradient, then runs ATen's convolution backward. Under
+// create_graph the same steps are differentiable: the recomputed output carries x's and the
+// weight's history, batch_norm_act_backward and ATen's convolution_backward have derivatives.
+class ConvBnActTrain : public torch::autograd::Function<ConvBnActTrain> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                               int64_t padding, const at::Tensor& bn_weight, const at::Tensor& bn_bias,
+                               double bn_eps, bool relu) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("resnet_fast::conv_bn_act_train", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, int64_t, int64_t, const at::Tensor&,
+                                   const at::Tensor&, double, bool)>();
+    auto [y, mean, var] = op.call(x, weight, stride, padding, bn_weight, bn_bias, bn_eps, relu);
+    // The bias only for the ReLU mask, recomputed through the forward's affine.
+    ctx->save_for_backward({x, weight, bn_weight, relu ? bn_bias : at::Tensor(), mean, var});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["bn_eps"] = bn_eps;
+    ctx->saved_data["relu"] = relu;
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+
+  // `grads` by reference, so that the incoming gradient can be freed before the convolution's backward.
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &bn_weight = saved[2], &bn_bias = saved[3], &mean = saved[4],
+                     &var = saved[5];
+    const int64_t stride = ctx->saved_data["stride"].toInt(), padding = ctx->saved_data["padding"].toInt();
+    const double eps = ctx->saved_data["bn_eps"].toDouble();
+    at::Tensor c = at::convolution(x, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
+                                   {0, 0}, 1);
+    at::Tensor grad_y = std::move(grads[0]);
+    // The kernel reads the gradient in the BatchNorm input's layout, as BatchNormAct's backward.
+    grad_y = grad_y.contiguous(c.suggest_memory_format());
+    auto [grad_c, grad_bn_weight, grad_bn_bias, unused] =
+        call_backward(grad_y, c, std::nullopt, bn_weight, mean, var, true, eps, ctx->saved_data["relu"].toBool(), false,
+                      bn_bias.defined() ? std::optional<at::Tensor>(bn_bias) : std::nullopt);
+    grad_y.reset();
+    c.reset();
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    at::Tensor grad_x, grad_weight;
+    if (need_x || need_w)
+      std::tie(grad_x, grad_weight, std::ignore) =
+          at::convolution_backward(grad_c, x, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1},
+                                   false, {0, 0}, 1, {need_x, need_w, false});
+    if (grad_weight.defined() && !grad_weight.is_contiguous(weight.suggest_memory_format()))
+      grad_weight = grad_weight.contiguous(weight.suggest_memory_format());  // the parameter's own layout
+    return {grad_x,
+            grad_weight,
+            at::Tensor(),
+            at::Tensor(),
+            ctx->needs_input_grad(2) ? grad_bn_weight : at::Tensor(),  // (it counts the tensor arguments)
+            ctx->needs_input_grad(3) ? grad_bn_bias : at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_act_train_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                                                           int64_t stride, int64_t padding,
+                                                                           const at::Tensor& bn_weight,
+                                                                           const at::Tensor& bn_bias, double bn_eps,
+                                                                           bool relu) {
+  auto out = ConvBnActTrain::apply(x, weight, stride, padding, bn_weight, bn_bias, bn_eps, relu);
+  return {out[0], out[1], out[2]};
 }
 
 // max_pool2d_train keeps its one-byte window positions and its input's size, not its input (ATen's
@@ -461,6 +560,7 @@ TORCH_LIBRARY_IMPL(resnet_fast, Autograd, m) {
   m.impl("conv3x3_train", &conv3x3_train_autograd);
   m.impl("conv1x1_train", &conv1x1_train_autograd);
   m.impl("max_pool2d_train", &max_pool2d_train_autograd);
+  m.impl("conv_bn_act_train", &conv_bn_act_train_autograd);
 }
 
 }  // namespace resnet_fast

@@ -83,10 +83,14 @@ TORCH_LIBRARY(resnet_fast, m) {
   // batch_norm_act(bn_input, ...)'s output with ReLU and no residual, normalised with bn_mean and
   // bn_var (the statistics that op returned); the backward then keeps bn_input (which the
   // BatchNorm's backward keeps anyway) instead of x, and recomputes x where it needs it.
+  // With bn_conv_weight too (bn_conv_stride, bn_conv_padding): x is conv_bn_act_train(bn_input,
+  // bn_conv_weight, ..., relu=True)'s output (a network's stem, normalised with bn_mean and bn_var): bn_input
+  // is that convolution's input, and the backward recomputes the convolution as well.
   m.def(
       "conv3x3_train(Tensor x, Tensor weight, int stride, bool winograd, bool weight_grad_kernel, "
       "Tensor? bn_input=None, Tensor? bn_weight=None, Tensor? bn_bias=None, Tensor? bn_mean=None, "
-      "Tensor? bn_var=None, float bn_eps=0.0, bool bn_training=True) -> Tensor");
+      "Tensor? bn_var=None, float bn_eps=0.0, bool bn_training=True, Tensor? bn_conv_weight=None, "
+      "int bn_conv_stride=1, int bn_conv_padding=0) -> Tensor");
   // With bn_weight, bn_bias, bn_mean, bn_var (float32, C each) and bn_eps, the convolution's input is
   // relu(batch_norm(x)) with them, recomputed as batch_norm_act's forward computes it (the weight
   // gradient is not differentiable then).
@@ -100,6 +104,15 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "conv1x1_train(Tensor x, Tensor weight, int stride, Tensor bn_input, Tensor bn_weight, Tensor bn_bias, "
       "Tensor bn_mean, Tensor bn_var, float bn_eps, bool bn_training) -> Tensor");
+  // A convolution + BatchNorm (+ ReLU) in training whose input the caller keeps anyway (a network's
+  // stem, a projection shortcut; CPU, float32/float64): y = [relu](batch_norm(conv2d(x, weight, stride,
+  // padding))) with the batch's statistics (no bias, square kernel, dilation 1, one group), and the
+  // mean and biased variance it normalised with (the caller updates the running statistics). The
+  // backward keeps x rather than the convolution's output, and recomputes that output by the same
+  // convolution, bit for bit.
+  m.def(
+      "conv_bn_act_train(Tensor x, Tensor weight, int stride, int padding, Tensor bn_weight, Tensor bn_bias, "
+      "float bn_eps, bool relu) -> (Tensor, Tensor, Tensor)");
   // Inference: relu(conv3x3(x, weight) + bias + residual), stride 1, padding 1, by Winograd
   // F(2x2, 3x3) with the weight given transformed, (16, C, K), by winograd_weight (in float64,
   // rounded once to float32). CPU, float32 only.

@@ -273,14 +273,32 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
                              bool /*weight_grad_kernel*/, const std::optional<at::Tensor>& bn_input,
                              const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
                              const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
-                             double /*bn_eps*/, bool /*bn_training*/) {
+                             double /*bn_eps*/, bool /*bn_training*/, const std::optional<at::Tensor>& bn_conv_weight,
+                             int64_t bn_conv_stride, int64_t bn_conv_padding) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "conv3x3_train: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
-  if (bn_input.has_value()) {
+  TORCH_CHECK(!bn_conv_weight.has_value() || bn_input.has_value(),
+              "conv3x3_train: bn_conv_weight (the stem's convolution that made bn_input's BatchNorm input) needs bn_input");
+  if (bn_input.has_value() && bn_conv_weight.has_value()) {
+    // bn_input is the stem's input: its convolution must give x's shape.
+    const at::Tensor& w = *bn_conv_weight;
+    const int64_t s = bn_conv_stride, p = bn_conv_padding;
+    TORCH_CHECK(bn_input->dim() == 4 && w.dim() == 4 && w.size(1) == bn_input->size(1) && w.size(0) == x.size(1) &&
+                    w.size(2) == w.size(3) && s >= 1 && p >= 0 && bn_input->scalar_type() == at::kFloat &&
+                    w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat &&
+                    bn_input->size(0) == x.size(0) && (bn_input->size(2) + 2 * p - w.size(2)) / s + 1 == x.size(2) &&
+                    (bn_input->size(3) + 2 * p - w.size(3)) / s + 1 == x.size(3),
+                "conv3x3_train: bn_input and bn_conv_weight (the stem's input and weight) must be float32 and their "
+                "convolution (stride ", s, ", padding ", p, ") must give x's shape ", x.sizes(), ", got bn_input ",
+                bn_input->scalar_type(), " ", bn_input->sizes(), " and bn_conv_weight ", w.scalar_type(), " ",
+                w.sizes());
+  } else if (bn_input.has_value()) {
     TORCH_CHECK(bn_input->sizes() == x.sizes() && bn_input->scalar_type() == at::kFloat &&
                     x.scalar_type() == at::kFloat,
                 "conv3x3_train: bn_input (the BatchNorm input x was made from) must be float32 of x's shape, got ",
                 bn_input->scalar_type(), " ", bn_input->sizes(), " for x ", x.scalar_type(), " ", x.sizes());
+  }
+  if (bn_input.has_value()) {
     const int64_t C = x.size(1);
     for (const auto* t : {&bn_weight, &bn_bias, &bn_mean, &bn_var})
       TORCH_CHECK(t->has_value() && (*t)->dim() == 1 && (*t)->size(0) == C,

@@ -14,9 +14,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .. import _plan
-from ..nn.blocks import SHORTCUTS, BasicBlock, FusedModule, make_shortcut
-from ..nn.functional import conv_bn_act, run_owning_residuals
+from .. import _plan, _routing
+from ..nn.blocks import SHORTCUTS, BasicBlock, FusedModule, ZeroPadShortcut, make_shortcut
+from ..nn.functional import run_owning_residuals, stem_conv_bn_relu_source
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
 
 __all__ = [
@@ -103,11 +103,33 @@ class CifarResNet(FusedModule):
     def _forward_modules(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
         x = to_internal_layout(x, self.conv1)
-        x = conv_bn_act(x, self.conv1, self.bn1)
         # The blocks' inputs are this forward's own tensors: block ends may reuse them.
-        x = run_owning_residuals(self, lambda t: self.layer3(self.layer2(self.layer1(t))), x)
+        x = run_owning_residuals(self, lambda t: self.layer3(self.layer2(self._stem_and_layer1(t))), x)
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
+
+    def _stem_and_layer1(self, x: Tensor) -> Tensor:
+        """``self.layer1(relu(self.bn1(self.conv1(x))))``. Where the stem says how it made its
+        output (``source``, in training) and nothing else keeps that output (an identity or
+        option-A shortcut), the first block gets it, called by its fused body where skipping the
+        modules' ``__call__`` goes unnoticed (:func:`resnet_fast._routing.may_bypass_call`): its
+        first 3x3 convolution then recomputes the stem's output from the images for its weight
+        gradient instead of keeping it (8 MiB at batch 128). No frame here holds that output
+        beyond the first block (``x`` is rebound), so it is freed there."""
+        x, source = stem_conv_bn_relu_source(x, self.conv1, self.bn1)
+        layer = self.layer1
+        first = layer[0] if type(layer) is nn.Sequential and len(layer) > 0 else None
+        if (
+            source is None
+            or type(first) is not BasicBlock
+            or not (first.downsample is None or type(first.downsample) is ZeroPadShortcut)
+            or not _routing.may_bypass_call(layer, first)
+        ):
+            return layer(x)
+        x = first._forward_fused(x, source)
+        for block in list(layer)[1:]:
+            x = block(x)
+        return x
 
     def _forward_formula(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -23,7 +23,7 @@ from torchvision.models._utils import _ovewrite_named_param
 
 from .. import _plan
 from ..nn.blocks import SHORTCUTS, BasicBlock, Bottleneck, FusedModule, MaxPool2d, make_shortcut
-from ..nn.functional import conv_bn_act, run_owning_residuals
+from ..nn.functional import run_owning_residuals, stem_conv_bn_act
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
 
 __all__ = [
@@ -174,7 +174,7 @@ class ResNet(FusedModule):
     def _forward_modules(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels, self._downsamplings)
         x = to_internal_layout(x, self.conv1)
-        x = conv_bn_act(x, self.conv1, self.bn1)
+        x = stem_conv_bn_act(x, self.conv1, self.bn1)
         x = self.maxpool(x)
 
         # The blocks' inputs are this forward's own tensors: block ends may reuse them.

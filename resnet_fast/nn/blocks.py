@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _plan, _routing, ops
-from .functional import conv_bn_act, conv_bn_relu_source
+from .functional import ConvInput, conv_bn_act, conv_bn_relu_source, projection_bn
 
 
 class FusedModule(nn.Module):
@@ -117,7 +117,7 @@ def shortcut_of(downsample: nn.Module | None, x: Tensor) -> tuple[Tensor, int]:
     if type(downsample) is ZeroPadShortcut:
         return x, downsample.stride
     if type(downsample) is nn.Sequential and len(downsample) == 2:  # a projection: conv, then BN
-        return conv_bn_act(x, downsample[0], downsample[1], relu=False), 1
+        return projection_bn(x, downsample[0], downsample[1]), 1
     return downsample(x), 1
 
 
@@ -158,8 +158,10 @@ class BasicBlock(FusedModule):
         self.stride = stride
         self.residual = residual
 
-    def _forward_fused(self, x: Tensor) -> Tensor:
-        out, source = conv_bn_relu_source(x, self.conv1, self.bn1)
+    def _forward_fused(self, x: Tensor, input_source: ConvInput | None = None) -> Tensor:
+        """``input_source``: how x was made, where the network's forward knows it (the stem's
+        output, :func:`resnet_fast.nn.functional.stem_conv_bn_relu_source`)."""
+        out, source = conv_bn_relu_source(x, self.conv1, self.bn1, input_source)
         if not self.residual:
             return conv_bn_act(out, self.conv2, self.bn2, input_source=source)
         identity, stride = shortcut_of(self.downsample, x)

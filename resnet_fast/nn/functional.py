@@ -31,7 +31,9 @@ class ConvInput(NamedTuple):
     """How the fused BatchNorm made an activation ``relu(bn(x))`` (no residual): its input, parameters,
     the statistics it normalised with and the implementation that ran. The training 3x3 convolution
     that reads the activation keeps these for its backward instead of the activation
-    (:func:`resnet_fast._routing.recomputes_conv_input`)."""
+    (:func:`resnet_fast._routing.recomputes_conv_input`). From a network's stem
+    (:func:`stem_conv_bn_relu_source`), ``x`` is the stem's input and ``conv_weight``,
+    ``conv_stride``, ``conv_padding`` its convolution, whose output the BatchNorm normalised."""
 
     x: Tensor
     weight: Tensor
@@ -41,6 +43,9 @@ class ConvInput(NamedTuple):
     eps: float
     training: bool
     impl: str
+    conv_weight: Tensor | None = None
+    conv_stride: int = 1
+    conv_padding: int = 0
 
 
 def bn_act(
@@ -62,6 +67,19 @@ def bn_relu_source(x: Tensor, bn: nn.Module) -> tuple[Tensor, ConvInput | None]:
     return _bn_act(x, bn, None, True, 1, source=True)
 
 
+def _step_momentum(bn: nn.Module) -> tuple[float, bool, bool]:
+    """The same momentum bookkeeping as torch.nn.modules.batchnorm._BatchNorm.forward, for one
+    forward of ``bn``: (momentum, whether the batch's statistics normalise, whether the running
+    statistics are read or updated)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return momentum, use_batch_stats, track
+
+
 def _bn_act(
     x: Tensor, bn: nn.Module, residual: Tensor | None, relu: bool, residual_stride: int, source: bool = False
 ) -> tuple[Tensor, ConvInput | None]:
@@ -69,13 +87,7 @@ def _bn_act(
         return _unfused_bn_act(x, bn, residual, relu, residual_stride), None
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D input (N, C, H, W) to {bn}, got shape {tuple(x.shape)}")
-    # The same momentum bookkeeping as torch.nn.modules.batchnorm._BatchNorm.forward.
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
+    momentum, use_batch_stats, track = _step_momentum(bn)
     y, mean, var = ops.batch_norm_act(
         x,
         bn.weight,
@@ -102,7 +114,12 @@ def _conv(x: Tensor, conv: nn.Module, source: ConvInput | None = None) -> Tensor
     given how x was made (``source``) where :func:`resnet_fast._routing.recomputes_conv_input`; a
     bottleneck's 1x1 through ``resnet_fast::conv1x1_train`` where
     :func:`resnet_fast._routing.conv1x1_recomputes_input`."""
-    if source is not None and not _routing.steps_aside(conv) and _routing.conv1x1_recomputes_input(x, conv, source.impl):
+    if (
+        source is not None
+        and source.conv_weight is None
+        and not _routing.steps_aside(conv)
+        and _routing.conv1x1_recomputes_input(x, conv, source.impl)
+    ):
         s = source
         return torch.ops.resnet_fast.conv1x1_train(
             x, conv.weight, conv.stride[0], s.x, s.weight, s.bias, s.mean, s.var, s.eps, s.training
@@ -115,7 +132,9 @@ def _conv(x: Tensor, conv: nn.Module, source: ConvInput | None = None) -> Tensor
     args = (x, conv.weight, conv.stride[0], plan.winograd, plan.weight_grad_kernel)
     if source is not None and _routing.recomputes_conv_input(source.impl, plan):
         s = source
-        return torch.ops.resnet_fast.conv3x3_train(*args, s.x, s.weight, s.bias, s.mean, s.var, s.eps, s.training)
+        return torch.ops.resnet_fast.conv3x3_train(
+            *args, s.x, s.weight, s.bias, s.mean, s.var, s.eps, s.training, s.conv_weight, s.conv_stride, s.conv_padding
+        )
     return torch.ops.resnet_fast.conv3x3_train(*args)
 
 
@@ -223,6 +242,52 @@ def conv_bn_act(
     return torch.ops.mkldnn._convolution_pointwise.binary(
         x, residual, weight, bias, *args, "add", None, "relu" if relu else None, [], ""
     )
+
+
+def _conv_bn_recomputed(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``resnet_fast::conv_bn_act_train`` on the modules, with nn.BatchNorm2d's bookkeeping."""
+    momentum, _, track = _step_momentum(bn)
+    return ops.conv_bn_act_train(
+        x,
+        conv.weight,
+        conv.stride[0],
+        conv.padding[0],
+        bn.weight,
+        bn.bias,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        momentum,
+        bn.eps,
+        relu,
+    )
+
+
+def stem_conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
+    """A network's first unit, ``relu(bn(conv(x)))``, as :func:`conv_bn_act`; in training, where
+    :func:`resnet_fast._routing.recomputes_conv_output` says so, through
+    ``resnet_fast::conv_bn_act_train``, which keeps x (the images) for the backward rather than
+    the convolution's output."""
+    return stem_conv_bn_relu_source(x, conv, bn)[0]
+
+
+def stem_conv_bn_relu_source(x: Tensor, conv: nn.Module, bn: nn.Module) -> tuple[Tensor, ConvInput | None]:
+    """:func:`stem_conv_bn_act`, and how its output was made (:class:`ConvInput`, with the stem's
+    convolution) where ``resnet_fast::conv_bn_act_train`` made it, else None: the first block's
+    3x3 convolution then recomputes its input from the images instead of keeping it."""
+    if not _routing.recomputes_conv_output(x, conv, bn, "stem"):
+        return conv_bn_act(x, conv, bn), None
+    y, mean, var = _conv_bn_recomputed(x, conv, bn, True)
+    return y, ConvInput(x, bn.weight, bn.bias, mean, var, bn.eps, True, "cpu", conv.weight, conv.stride[0], conv.padding[0])
+
+
+def projection_bn(x: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
+    """A projection shortcut, ``bn(conv(x))``, as :func:`conv_bn_act` without ReLU; in training,
+    where :func:`resnet_fast._routing.recomputes_conv_output` says so, through
+    ``resnet_fast::conv_bn_act_train``, which keeps x (the block's input, which the block's first
+    convolution keeps too) for the backward rather than the convolution's output."""
+    if not _routing.recomputes_conv_output(x, conv, bn, "projection"):
+        return conv_bn_act(x, conv, bn, relu=False)
+    return _conv_bn_recomputed(x, conv, bn, False)[0]
 
 
 def conv_bn_relu_source(

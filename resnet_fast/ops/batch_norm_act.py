@@ -48,9 +48,8 @@ def batch_norm_act(
             residual = reference.zero_pad_shortcut(residual, x.shape[1], residual_stride)
         y = reference.batch_norm_act(x, weight, bias, running_mean, running_var, training, momentum, eps, residual, relu)
         return (y, None, None) if return_stats else y
-    if training and x.numel() > 0 and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-        # The same error (type and words) as torch.nn.functional.batch_norm.
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    if training and x.numel() > 0:
+        check_batch_stats_shape(x.shape)
     y, mean, var = _backend.ops_for(impl).batch_norm_act(
         x,
         weight,
@@ -63,18 +62,33 @@ def batch_norm_act(
         eps,
         relu,
     )
-    if training and running_mean is not None and running_var is not None and x.numel() > 0:
-        n = x.numel() // x.shape[1]
-        if impl == "cpu" and running_mean.is_contiguous() and running_var.is_contiguous():
-            # One C++ op (in double, as ATen's batch_norm) in place of the seven below.
-            torch.ops.resnet_fast.batch_norm_update_stats_(running_mean, running_var, mean, var, momentum, n)
-        else:
-            with torch.no_grad():
-                # As nn.BatchNorm2d: running = (1 - momentum) * running + momentum * batch, with the
-                # unbiased variance.
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_((var * (n / max(n - 1, 1))).to(running_var.dtype), alpha=momentum)
+    if training and x.numel() > 0:
+        update_running_stats(impl, running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1])
     return (y, mean, var) if return_stats else y
+
+
+def check_batch_stats_shape(x_shape) -> None:
+    """The error nn.BatchNorm2d gives (type and words) where a channel has a single value."""
+    if x_shape[0] * x_shape[2] * x_shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(x_shape)}")
+
+
+def update_running_stats(
+    impl: str, running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor, var: Tensor, momentum: float, n: int
+) -> None:
+    """nn.BatchNorm2d's update of the running statistics (where it has them) from a batch's mean and
+    biased variance over ``n`` values a channel, which the op ``impl`` returned."""
+    if running_mean is None or running_var is None:
+        return
+    if impl == "cpu" and running_mean.is_contiguous() and running_var.is_contiguous():
+        # One C++ op (in double, as ATen's batch_norm) in place of the seven below.
+        torch.ops.resnet_fast.batch_norm_update_stats_(running_mean, running_var, mean, var, momentum, n)
+    else:
+        with torch.no_grad():
+            # As nn.BatchNorm2d: running = (1 - momentum) * running + momentum * batch, with the
+            # unbiased variance.
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * (n / max(n - 1, 1))).to(running_var.dtype), alpha=momentum)
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:

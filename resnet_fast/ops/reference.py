@@ -112,6 +112,21 @@ def conv1x1_train(x: Tensor, weight: Tensor, stride: int) -> Tensor:
     return F.conv2d(x, weight, None, stride)
 
 
+def conv_bn_act_train(
+    x: Tensor, weight: Tensor, stride: int, padding: int, bn_weight: Tensor, bn_bias: Tensor, eps: float, relu: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A convolution + BatchNorm (+ ReLU) in training (a network's stem, a projection shortcut):
+    ``c = conv2d(x, weight, stride, padding)`` (no bias), then
+    ``y = (c - mean[k]) / sqrt(var[k] + eps) * bn_weight[k] + bn_bias[k]``, ReLU'd where ``relu``,
+    with the batch's mean and biased variance of each output channel over (N, OH, OW).
+    Returns (y, mean, var)."""
+    c = F.conv2d(x, weight, None, stride, padding)
+    mean = c.mean((0, 2, 3))
+    var = c.var((0, 2, 3), unbiased=False)
+    y = F.batch_norm(c, None, None, bn_weight, bn_bias, True, 0.0, eps)
+    return (torch.relu(y) if relu else y), mean, var
+
+
 def conv3x3_weight_grad(grad_out: Tensor, x: Tensor, stride: int) -> Tensor:
     """The gradient of :func:`conv3x3_train` with respect to its weight:
     ``dW[k, c, r, s] = sum_{n, h, w} grad_out[n, k, h, w] * x[n, c, h*stride + r - 1, w*stride + s - 1]``.
