@@ -41,6 +41,7 @@ def layer_key(x_shape, conv, residual) -> tuple:
 def profile_resnet_fast(model, x, forwards: int) -> tuple[dict, dict, float]:
     """Per-layer-kind median ms per forward, the path of each kind, the median forward in ms."""
     original, original_source = _functional.conv_bn_act, _functional.conv_bn_relu_source
+    original_stem = _functional.stem_conv_bn_act
     times: dict[tuple, list[float]] = collections.defaultdict(list)
     paths: dict[tuple, str] = {}
     current: dict[tuple, float] = collections.defaultdict(float)
@@ -60,9 +61,13 @@ def profile_resnet_fast(model, x, forwards: int) -> tuple[dict, dict, float]:
     def timed_source(x, conv, bn, input_source=None):  # a block's first units (conv_bn_relu_source)
         return timed_call(original_source, x, conv, bn, None, input_source)
 
+    def timed_stem(x, conv, bn):  # the network's first unit (stem_conv_bn_act)
+        return timed_call(original_stem, x, conv, bn, None)
+
     totals = []
-    _blocks.conv_bn_act = _resnet_models.conv_bn_act = timed
+    _blocks.conv_bn_act = timed
     _blocks.conv_bn_relu_source = timed_source
+    _resnet_models.stem_conv_bn_act = timed_stem
     plan_forward, _routing.PLAN_FORWARD = _routing.PLAN_FORWARD, False  # (a replay would call none of them)
     try:
         with torch.inference_mode():
@@ -75,8 +80,9 @@ def profile_resnet_fast(model, x, forwards: int) -> tuple[dict, dict, float]:
                     for k, v in current.items():
                         times[k].append(v)
     finally:
-        _blocks.conv_bn_act = _resnet_models.conv_bn_act = original
+        _blocks.conv_bn_act = original
         _blocks.conv_bn_relu_source = original_source
+        _resnet_models.stem_conv_bn_act = original_stem
         _routing.PLAN_FORWARD = plan_forward
     return ({k: statistics.median(v) * 1e3 for k, v in times.items()}, paths, statistics.median(totals) * 1e3)
 
