@@ -5,6 +5,8 @@ recomputing its input from the stem (conv3x3_train's bn_conv_weight); and the ro
 (resnet_fast._routing.recomputes_conv_output)."""
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -285,3 +287,31 @@ def test_a_gradient_penalty_through_the_stem_and_the_first_3x3():
 
     for kept, recomp in zip(penalty(False), penalty(True)):
         torch.testing.assert_close(recomp, kept, rtol=1e-4, atol=1e-5 * kept.abs().max().item())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 3), cin=st.integers(1, 5), cout=st.integers(1, 9), k=st.sampled_from([1, 3, 5, 7]),
+    stride=st.sampled_from([1, 2]), pad=st.integers(0, 3), h=st.integers(1, 9), w=st.integers(1, 9),
+    relu=st.booleans(), channels_last=st.booleans(),
+)
+def test_random_shapes_match_the_formula_in_float64(n, cin, cout, k, stride, pad, h, w, relu, channels_last):
+    """Outputs, statistics and every gradient against the formula's autograd, in float64: batch 1,
+    1x1 output maps, channel counts off the vector width."""
+    pad = min(pad, k // 2)
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    assume(oh >= 1 and ow >= 1 and n * oh * ow >= 2)
+    layout = "channels_last" if channels_last else "contiguous"
+    x = make_input((n, cin, h, w), torch.float64, layout, requires_grad=True)
+    wt = make_input((cout, cin, k, k), torch.float64, layout, requires_grad=True)
+    bn_w = (torch.rand(cout, dtype=torch.float64) + 0.5).requires_grad_(True)
+    bn_b = torch.randn(cout, dtype=torch.float64).requires_grad_(True)
+    got = recomputed(x, wt, stride, pad, bn_w, bn_b, relu)
+    exact = reference.conv_bn_act_train(x, wt, stride, pad, bn_w, bn_b, EPS, relu)
+    for g, e in zip(got, exact):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    cot = torch.randn(got[0].shape, dtype=torch.float64)
+    grads = torch.autograd.grad(got[0], (x, wt, bn_w, bn_b), cot)
+    grads_exact = torch.autograd.grad(exact[0], (x, wt, bn_w, bn_b), cot)
+    for g, e in zip(grads, grads_exact):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8)
