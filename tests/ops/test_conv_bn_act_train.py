@@ -5,10 +5,10 @@ recomputing its input from the stem (conv3x3_train's bn_conv_weight); and the ro
 (resnet_fast._routing.recomputes_conv_output)."""
 
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import resnet_fast
 from resnet_fast import _routing
