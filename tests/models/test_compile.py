@@ -68,3 +68,23 @@ def test_bfloat16_training_step_tracks_the_eager_backend():
     for name, f, e, ex in zip(("output", "input grad", "conv1 grad"), fused, eager, exact):
         err, eager_err = (f - ex).norm().item(), (e - ex).norm().item()
         assert err <= 2 * eager_err + 1e-3 * ex.norm().item(), (name, err, eager_err)
+
+
+def test_compiled_resnet18_training_matches_eager():
+    """The ImageNet family's training ops under torch.compile without a graph break: the stem and
+    the projection shortcuts (conv_bn_act_train), the pooling (max_pool2d_train), the blocks."""
+    resnet_fast.set_backend("auto")
+    torch.manual_seed(0)
+    model = resnet_fast.resnet18()
+    ref = resnet_fast.resnet18()
+    ref.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 64, 64)
+    out, out_ref = compiled(x), ref(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    out_ref.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
