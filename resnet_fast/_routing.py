@@ -111,9 +111,14 @@ def steps_aside(*modules: nn.Module | None) -> bool:
 
 def may_bypass_call(*modules: nn.Module) -> bool:
     """Whether a network's forward may run these modules' bodies without their ``__call__``: none
-    has hooks, there is no global module hook and nothing is capturing the model, so that nothing
-    would notice (e.g. to hand the first block how the stem made its input)."""
-    return not (_global_hooks() or formulas_only() or any(has_hooks(m) for m in modules))
+    has hooks or was compiled in place (``module.compile()``, which ``__call__`` would run), there
+    is no global module hook and nothing is capturing the model, so that nothing would notice (e.g.
+    to hand the first block how the stem made its input)."""
+    return not (
+        _global_hooks()
+        or formulas_only()
+        or any(has_hooks(m) or getattr(m, "_compiled_call_impl", None) is not None for m in modules)
+    )
 
 
 # -- backends ---------------------------------------------------------------------------------

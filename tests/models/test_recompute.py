@@ -118,3 +118,19 @@ def test_projection_shortcuts_recompute_their_convolution(monkeypatch, arch, bat
     assert kept_re == kept_plain - fewer
     assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_re))
     assert all(torch.equal(a, b) for a, b in zip(state_plain, state_re))
+
+
+def test_a_first_block_compiled_in_place_runs_compiled():
+    """``model.layer1[0].compile()``: the CIFAR nets' forward calls that block through its
+    ``__call__`` (the compiled one), not its fused body."""
+    torch.manual_seed(0)
+    model = resnet_fast.resnet20()
+    first = model.layer1[0]
+    assert _routing.may_bypass_call(model.layer1, first)
+    first.compile(backend="eager")
+    assert not _routing.may_bypass_call(model.layer1, first)
+    calls = []
+    inner = first._compiled_call_impl
+    first._compiled_call_impl = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert calls == [1]
