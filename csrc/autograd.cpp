@@ -8,7 +8,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/arange.h>
-#include <ATen/ops/convolution.h>
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/max_pool2d_with_indices_backward.h>
@@ -17,6 +16,8 @@
 
 #include <optional>
 #include <tuple>
+
+#include "cpu/conv_bn_act_train.h"
 
 namespace resnet_fast {
 namespace {
@@ -259,9 +260,11 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
                               bn_conv_weight.has_value() ? *bn_conv_weight : at::Tensor()});
     else
       ctx->save_for_backward({x, weight});
-    ctx->saved_data["x_size"] = x.sizes().vec();
-    ctx->saved_data["bn_conv_stride"] = bn_conv_stride;
-    ctx->saved_data["bn_conv_padding"] = bn_conv_padding;
+    if (bn_conv_weight.has_value()) {
+      ctx->saved_data["x_size"] = x.sizes().vec();
+      ctx->saved_data["bn_conv_stride"] = bn_conv_stride;
+      ctx->saved_data["bn_conv_padding"] = bn_conv_padding;
+    }
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["winograd"] = winograd;
     ctx->saved_data["weight_grad_kernel"] = weight_grad_kernel;
@@ -284,10 +287,6 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     // which case the BatchNorm's input is that convolution again, recomputed for the weight gradient.
     at::Tensor x = saved[0];
     const at::Tensor stem_weight = saved.size() > 6 ? saved[6] : at::Tensor();
-    const auto stem_conv = [&](const at::Tensor& images) {
-      const int64_t s = ctx->saved_data["bn_conv_stride"].toInt(), p = ctx->saved_data["bn_conv_padding"].toInt();
-      return at::convolution(images, stem_weight, std::nullopt, {s, s}, {p, p}, {1, 1}, false, {0, 0}, 1);
-    };
     const int64_t stride = ctx->saved_data["stride"].toInt();
     const bool winograd = ctx->saved_data["winograd"].toBool();
     const bool kernel = ctx->saved_data["weight_grad_kernel"].toBool();
@@ -321,7 +320,9 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
         const at::Tensor &bn_weight = saved[2], &bn_bias = saved[3], &mean = saved[4], &var = saved[5];
         const double eps = ctx->saved_data["bn_eps"].toDouble();
         const bool training = ctx->saved_data["bn_training"].toBool();
-        if (stem_weight.defined()) x = stem_conv(x);  // the BatchNorm's input, as the stem computed it
+        if (stem_weight.defined())  // the BatchNorm's input, as the stem computed it
+          x = square_conv(x, stem_weight, ctx->saved_data["bn_conv_stride"].toInt(),
+                          ctx->saved_data["bn_conv_padding"].toInt());
         if (at::GradMode::is_enabled()) {
           const at::Tensor input = recompute_bn_relu(x, bn_weight, bn_bias, mean, var, eps, training);
           grad_weight = weight_grad_op.call(grads[0], input, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
@@ -444,8 +445,7 @@ class ConvBnActTrain : public torch::autograd::Function<ConvBnActTrain> {
                      &var = saved[5];
     const int64_t stride = ctx->saved_data["stride"].toInt(), padding = ctx->saved_data["padding"].toInt();
     const double eps = ctx->saved_data["bn_eps"].toDouble();
-    at::Tensor c = at::convolution(x, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
-                                   {0, 0}, 1);
+    at::Tensor c = square_conv(x, weight, stride, padding);
     at::Tensor grad_y = std::move(grads[0]);
     // The kernel reads the gradient in the BatchNorm input's layout, as BatchNormAct's backward.
     grad_y = grad_y.contiguous(c.suggest_memory_format());

@@ -328,6 +328,13 @@ void batch_norm_update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_v
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& residual, int64_t residual_stride, bool training, double eps, bool relu) {
+  return batch_norm_act_cpu(x, weight, bias, running_mean, running_var, residual, residual_stride, training, eps, relu);
+}
+
 void channel_affine_act(const at::Tensor& x, at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
                         const std::optional<at::Tensor>& residual, int64_t residual_stride, bool relu) {
   TORCH_INTERNAL_ASSERT(y.sizes() == x.sizes() && scale.scalar_type() == acc_dtype(x) &&

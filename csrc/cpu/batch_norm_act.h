@@ -4,10 +4,18 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 namespace resnet_fast {
+
+// batch_norm_act's CPU kernel (the op's arguments and results), for the CPU ops built on it
+// (conv_bn_act_train.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& residual, int64_t residual_stride, bool training, double eps, bool relu);
 
 // A residual read in place: r(n, c, h, w) = c < C ? data[n*sN + c*sC + h*s*sH + w*s*sW] : 0,
 // which covers the identity, a projection's output and the option-A zero-padding shortcut.

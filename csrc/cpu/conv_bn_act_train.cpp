@@ -8,12 +8,13 @@
 // forward to the backward).
 // Formula: resnet_fast.ops.reference.conv_bn_act_train.
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/convolution.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "cpu/batch_norm_act.h"
+#include "cpu/conv_bn_act_train.h"
 
 namespace resnet_fast {
 namespace {
@@ -38,15 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_act_train_cpu(const at::T
     TORCH_CHECK(t->dim() == 1 && t->size(0) == K, "conv_bn_act_train: bn_weight and bn_bias must be vectors of the ",
                 K, " output channels, got one of shape ", t->sizes());
   // ATen's convolution checks the map against the kernel and says so in its own words.
-  const at::Tensor c = at::convolution(x, weight, std::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
-                                       {0, 0}, 1);
-  static const auto bn_op = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("resnet_fast::batch_norm_act", "")
-                                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                    const std::optional<at::Tensor>&, int64_t, bool, double, bool)>();
-  return bn_op.call(c, bn_weight, bn_bias, std::nullopt, std::nullopt, std::nullopt, 1, true, bn_eps, relu);
+  const at::Tensor c = square_conv(x, weight, stride, padding);
+  return batch_norm_act_forward(c, bn_weight, bn_bias, std::nullopt, std::nullopt, std::nullopt, 1, true, bn_eps, relu);
 }
 
 }  // namespace

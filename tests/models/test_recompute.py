@@ -54,6 +54,19 @@ def train_step(arch, batch, size, kept_hook=None, **kwargs):
     return len(kept), [p.grad for p in model.parameters()], list(model.state_dict().values())
 
 
+def assert_same_steps_with_fewer_kept(monkeypatch, flag, fewer, arch, batch, size, **kwargs):
+    """A training step with the routing flag off, then on: the same gradients and state, bit for
+    bit, and ``fewer`` tensors kept for the backward."""
+    results = []
+    for recompute in (False, True):
+        monkeypatch.setattr(_routing, flag, recompute)
+        results.append(train_step(arch, batch, size, **kwargs))
+    (kept_plain, grads_plain, state_plain), (kept_re, grads_re, state_re) = results
+    assert kept_re == kept_plain - fewer
+    assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_re))
+    assert all(torch.equal(a, b) for a, b in zip(state_plain, state_re))
+
+
 # (arch, batch, input size, keyword arguments, activations fewer): the stem's convolution output,
 # and in the CIFAR nets its ReLU output too, which the first block's first 3x3 recomputes from the
 # images, where nothing else keeps it (an identity shortcut; option C projects it).
@@ -70,14 +83,7 @@ STEM_CASES = [
 @pytest.mark.parametrize("arch, batch, size, kwargs, fewer", STEM_CASES)
 def test_the_stem_recomputes_its_convolution(monkeypatch, arch, batch, size, kwargs, fewer, avx512):
     monkeypatch.setattr(_routing, "_AVX512", avx512)
-    results = []
-    for recompute in (False, True):
-        monkeypatch.setattr(_routing, "RECOMPUTE_STEM_CONV", recompute)
-        results.append(train_step(arch, batch, size, **kwargs))
-    (kept_plain, grads_plain, state_plain), (kept_re, grads_re, state_re) = results
-    assert kept_re == kept_plain - fewer
-    assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_re))
-    assert all(torch.equal(a, b) for a, b in zip(state_plain, state_re))
+    assert_same_steps_with_fewer_kept(monkeypatch, "RECOMPUTE_STEM_CONV", fewer, arch, batch, size, **kwargs)
 
 
 @pytest.mark.parametrize("where", ["layer1", "layer1[0]"])
@@ -110,14 +116,7 @@ PROJECTION_CASES = [
 
 @pytest.mark.parametrize("arch, batch, size, kwargs, fewer", PROJECTION_CASES)
 def test_projection_shortcuts_recompute_their_convolution(monkeypatch, arch, batch, size, kwargs, fewer):
-    results = []
-    for recompute in (False, True):
-        monkeypatch.setattr(_routing, "RECOMPUTE_PROJECTION_CONV", recompute)
-        results.append(train_step(arch, batch, size, **kwargs))
-    (kept_plain, grads_plain, state_plain), (kept_re, grads_re, state_re) = results
-    assert kept_re == kept_plain - fewer
-    assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_re))
-    assert all(torch.equal(a, b) for a, b in zip(state_plain, state_re))
+    assert_same_steps_with_fewer_kept(monkeypatch, "RECOMPUTE_PROJECTION_CONV", fewer, arch, batch, size, **kwargs)
 
 
 def test_a_first_block_compiled_in_place_runs_compiled():
