@@ -238,6 +238,13 @@ WEIGHT_GRAD_MAX_CHANNELS = 128
 # networks took 1.01-1.04x longer with them (2026-12-02). Where oneDNN has AVX-512 its
 # convolutions keep running (not measured against ours).
 GEMM_APPLIES = CPU_CAPABILITY == "AVX2"
+# Where oneDNN has AVX-512, our GEMM (its AVX-512 tiles, gemm_wide_tiles) runs the 1x1
+# convolutions with at most this many output pixels (N * OH * OW): at batch 1 on the Xeon (2 cores,
+# AVX-512 with two FMA units) the whole network with them against oneDNN's, interleaved
+# (2026-12-02): ResNet-50 1.034-1.044x, ResNet-101 1.045x, ResNet-18 (its 3 projections) 0.99x
+# (noise); with the 3136-pixel maps of layer1 too, 1.040x. At batch 8 the 1568-pixel and larger
+# maps lose (all 1x1s by ours: 0.93x) and layer4's 392 pixels alone are neutral (1.003-1.006x).
+GEMM_AVX512_MAX_PIXELS = 784
 
 
 def gemm_wide_tiles() -> bool:
@@ -248,11 +255,18 @@ def gemm_wide_tiles() -> bool:
     return _AVX512
 
 
-def gemm_applies(conv: nn.Module) -> bool:
-    """Whether an inference convolution runs by our GEMM (see GEMM_APPLIES): a 1x1, no padding,
-    the same stride both ways."""
+def gemm_applies(conv: nn.Module, x: Tensor) -> bool:
+    """Whether an inference convolution of ``x`` runs by our GEMM (see GEMM_APPLIES and
+    GEMM_AVX512_MAX_PIXELS): a 1x1, no padding, the same stride both ways."""
     return (
-        GEMM_APPLIES
+        (
+            GEMM_APPLIES
+            or (
+                _AVX512
+                and x.shape[0] * ((x.shape[2] - 1) // conv.stride[0] + 1) * ((x.shape[3] - 1) // conv.stride[0] + 1)
+                <= GEMM_AVX512_MAX_PIXELS
+            )
+        )
         and conv.kernel_size == (1, 1)
         and conv.stride[0] == conv.stride[1]
         and conv.padding == (0, 0)
@@ -449,7 +463,8 @@ def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | N
     by itself with freezing):
 
     * ``"winograd"``: the fused CPU path's wide stride-1 3x3 convolutions (``conv3x3_bias_act``);
-    * ``"gemm"``: its 1x1 convolutions on AVX2 CPUs (``conv_bias_act``, see :func:`gemm_applies`);
+    * ``"gemm"``: its 1x1 convolutions on AVX2 CPUs, and those of small maps on AVX-512 ones
+      (``conv_bias_act``, see :func:`gemm_applies`);
     * ``"onednn"``: the other CPU convolutions: oneDNN with the residual add and ReLU as post-ops
       (``torch.ops.mkldnn._convolution_pointwise``, which needs float32 channels_last);
     * ``"epilogue"``: GPUs (and Triton's interpreter): cuDNN's convolution, then ``bias_act``."""
@@ -479,7 +494,7 @@ def conv_bn_inference_plan(x: Tensor, conv: nn.Module, bn: nn.Module) -> str | N
         )
         if winograd:
             return "winograd"
-        if gemm_applies(conv) and impl_for("conv_bias_act", x.device) == "cpu":
+        if gemm_applies(conv, x) and impl_for("conv_bias_act", x.device) == "cpu":
             return "gemm"
         return "onednn"
     if impl in ("triton", "cuda") and x.dtype in KERNEL_DTYPES[impl]:

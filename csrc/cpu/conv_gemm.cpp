@@ -3,7 +3,7 @@
 // resnet_fast.ops.reference.conv_bias_act), square kernels of any size, stride and zero padding,
 // with the BatchNorm-folded weight packed once by resnet_fast.ops.pack_conv_weight and cached.
 // Where it runs is decided by the caller (resnet_fast._routing.conv_bn_inference_plan): the 1x1
-// convolutions on AVX2 CPUs. (Its 3x3s, tested here, are not routed: see _routing.GEMM_APPLIES.
+// convolutions on AVX2 CPUs, those of small maps on AVX-512 ones (GEMM_AVX512_MAX_PIXELS). (Its 3x3s, tested here, are not routed: see _routing.GEMM_APPLIES.
 // They are where the training fusion of issue 18 can put a BatchNorm's statistics in the epilogue
 // and the previous one's scale, shift and ReLU in the row loads.)
 //

@@ -176,12 +176,24 @@ def _count(model, x, name):
     return op_names(forward).count(name)
 
 
-@pytest.mark.skipif(not _routing.GEMM_APPLIES, reason=f"our GEMM runs on AVX2-only CPUs; this one has {_routing.CPU_CAPABILITY}")
-def test_resnet50_inference_runs_its_1x1_convolutions_here():
+@pytest.mark.skipif(
+    _routing.CPU_CAPABILITY not in ("AVX2", "AVX512"),
+    reason=f"our GEMM runs on AVX2 and AVX-512 CPUs; this one has {_routing.CPU_CAPABILITY}",
+)
+def test_resnet50_inference_runs_its_1x1_convolutions_here(monkeypatch):
     model = resnet_fast.ResNet50().eval()
     # 16 blocks x 2 + the 4 projection shortcuts (3 of them with stride 2); no 3x3 (see GEMM_APPLIES).
+    # At 64x64 and batch 2 every 1x1's output has at most 512 pixels: within AVX-512's bound too.
     assert _count(model, torch.randn(2, 3, 64, 64), "resnet_fast::conv_bias_act") == 36
     with resnet_fast.use_backend("eager"):
+        assert _count(model, torch.randn(2, 3, 64, 64), "resnet_fast::conv_bias_act") == 0
+    if not _routing.GEMM_APPLIES:  # AVX-512: only the maps of at most GEMM_AVX512_MAX_PIXELS pixels
+        monkeypatch.setattr(_routing, "GEMM_AVX512_MAX_PIXELS", 32)
+        # layer3's 4x4 maps (32 pixels at batch 2) and layer4's 2x2: in layer3 conv1 of blocks 1-5,
+        # conv3 of all 6 and the shortcut (its first conv1 runs on layer2's 8x8: 128 pixels), in
+        # layer4 all 7.
+        assert _count(model, torch.randn(2, 3, 64, 64), "resnet_fast::conv_bias_act") == 19
+        monkeypatch.setattr(_routing, "GEMM_AVX512_MAX_PIXELS", 0)
         assert _count(model, torch.randn(2, 3, 64, 64), "resnet_fast::conv_bias_act") == 0
     model.train()  # training: the convolutions with BatchNorm unfolded
     assert _count(model, torch.randn(2, 3, 64, 64), "resnet_fast::conv_bias_act") == 0
