@@ -30,24 +30,30 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def _time(fn, settle: int = 0) -> float:
-    for _ in range(settle):
+def _time(fn, settle: float = 0.0) -> float:
+    if settle > 0:  # untimed calls of its own for at least `settle` seconds, at least one
+        t0 = time.perf_counter()
         fn()
+        while time.perf_counter() - t0 < settle:
+            fn()
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
 def compare(benchmark, name: str, items: int, candidate, baselines: dict, pairs: int = 5, rounds: int = 3,
-            extra: dict | None = None, settle: int = 0) -> dict:
+            extra: dict | None = None, settle: float = 0.0) -> dict:
     """Benchmarks ``candidate`` and records ``candidate`` vs each baseline, interleaved.
 
     items: images (or elements) per call, for the throughput column.
-    settle: untimed calls before each timed one, for baselines with thread pools of their own:
-    a runtime's idle threads spin after its call (ONNX Runtime's by default, OpenMP's too) and
-    slow whatever runs next on the same cores (ResNet-18 batch 1 right after an ONNX Runtime
-    call: 38.8 ms, alone 17.2 ms, on 2 cores), so each timed call follows one of its own, as it
-    would in a process that serves with that runtime alone.
+    settle: seconds of untimed calls (at least one) before each timed one, for baselines with
+    thread pools of their own: a runtime's idle threads spin after its call (ONNX Runtime's by
+    default, OpenVINO's and OpenMP's too) and slow whatever runs next on the same cores, for
+    longer than one short call: on the 2-core Xeon (2026-12-02) resnet_fast's ResNet-18 batch-1
+    forwards right after an ONNX Runtime call took 22.0, 17.9, 9.5, 9.0 ms, and alone 8.7; with one
+    settling call the timed ones ran 9.8 ms (resnet_fast) and 13.3 ms (OpenVINO, alone 9.0), with
+    50 ms of them 8.7-8.9 and 9.3-9.4 (the bench gives 0.1 s). So each timed call follows enough
+    of its own, as it would in a process that serves with that runtime alone.
     extra: more fields for the row (e.g. ``bytes``, the traffic model's bytes per call, from which
     the row gets the achieved ``gb_per_s``). With ``RESNET_FAST_BENCH_JSONL`` set, each row is
     also appended to that file as it is measured (bench/gpu_check.py reads it).

@@ -2,8 +2,8 @@
 (opset 17) and run by ONNX Runtime (CPU execution provider, all graph optimisations, intra-op
 threads = this process's torch threads) and OpenVINO (CPU, PERFORMANCE_HINT LATENCY, f32), the
 same weights and input, outputs checked against torchvision before timing, interleaved with
-resnet_fast (``model.eval()`` under ``torch.inference_mode()``), each timed call after an untimed
-one of its own (the runtimes' spinning threads would otherwise slow the next one's call). Also reported: resnet_fast's first
+resnet_fast (``model.eval()`` under ``torch.inference_mode()``), each timed call after 0.1 s of
+untimed ones of its own (the runtimes' spinning threads would otherwise slow the next one's calls). Also reported: resnet_fast's first
 call (folding, prepacking, weight transforms) and the peak memory of a forward beside ONNX
 Runtime's, each in a fresh process. Skipped, with the reason, where a runtime is not installed
 (``pip install -e '.[bench]'``)."""
@@ -95,7 +95,7 @@ def test_cpu_inference_against_runtimes(benchmark, arch, batch):
             ours(x)
 
     compare(benchmark, f"CPU inference {arch}, batch {batch}, fp32", batch, resnet_fast_forward, runtimes,
-            pairs=25 if batch == 1 else 9, rounds=5 if batch == 1 else 3, settle=1)
+            pairs=25 if batch == 1 else 9, rounds=5 if batch == 1 else 3, settle=0.1)
 
 
 FIRST_CALL = """
