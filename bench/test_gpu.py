@@ -145,3 +145,41 @@ def test_gpu_cifar_resnet20_training_batch128(benchmark):
     compare(benchmark, "GPU CIFAR ResNet-20 training b128 fp32", 128, step(ours, "auto"),
             baselines({"eager CL": step(eager_cl, "eager")}, {"torch.compile CL": lambda: step(compiled, "eager")}),
             pairs=10, rounds=10)
+
+
+@pytest.mark.parametrize(
+    "shape", [(256, 64, 56, 56, 64, 3, 1), (256, 256, 14, 14, 256, 3, 1), (256, 256, 56, 56, 64, 1, 1)], ids=str
+)
+def test_gpu_norm_conv_forward(benchmark, shape):
+    """Issue 18's NormConvolution forward (resnet_fast.ops.norm_conv, Triton) against what it
+    would replace: the previous BatchNorm's normalise + ReLU written out, cuDNN's convolution, then
+    the batch statistics read back (torch.var_mean); checked against float64 before timing.
+    Decides whether it may be routed on GPUs (it is not yet)."""
+    if "triton" not in resnet_fast.available_backends():
+        pytest.skip("Triton is not available")
+    n, c, h, w, k, r, stride = shape
+    x = torch.randn(n, c, h, w, device="cuda").contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(k, c, r, r, device="cuda") / (c * r * r) ** 0.5).contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda") * 0.5
+    pad = r // 2
+
+    def ours():
+        return resnet_fast.ops.norm_conv(x, weight, stride, pad, scale, shift, True)
+
+    def eager():
+        y = F.conv2d(F.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)), weight, None, stride, pad)
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+        return y, mean, var
+
+    # (TF32 products where torch.backends.cudnn.allow_tf32, as cuDNN's: a loose bound; the
+    # float64 and float32 checks are tests/ops/test_norm_conv.py's.)
+    sub = x[:8]
+    oracle = resnet_fast.ops.reference.norm_conv(
+        sub.double(), weight.double(), stride, pad, scale.double(), shift.double(), True
+    )
+    got = resnet_fast.ops.norm_conv(sub, weight, stride, pad, scale, shift, True)
+    for name, g, want in zip(("y", "mean", "var"), got, oracle):
+        assert (g.double() - want).abs().max().item() <= 1e-2 * want.abs().max().item() + 1e-4, name
+    compare(benchmark, f"GPU norm_conv forward {shape} fp32", x.numel(), synced(ours),
+            baselines({"eager (cuDNN + statistics)": synced(eager)},
+                      {"torch.compile": lambda: synced(torch.compile(eager))}), pairs=20, rounds=20)

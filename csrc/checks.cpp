@@ -35,6 +35,38 @@ void check_bias_act(const at::Tensor& x, const at::Tensor& bias, const std::opti
   check_bias_act_args(x, bias, residual, residual_stride);
 }
 
+void check_norm_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding,
+                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, bool /*relu*/) {
+  TORCH_CHECK(x.dim() == 4, "norm_conv: expected a 4-D input (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "norm_conv: expected a float32 or float64 input, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "norm_conv: expected a ", x.scalar_type(),
+              " weight like the input, got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == weight.size(3),
+              "norm_conv: expected a square (K, ", x.size(1), ", R, R) weight for ", x.size(1),
+              " input channels, got shape ", weight.sizes());
+  const int64_t r = weight.size(2);
+  TORCH_CHECK(r >= 1 && stride >= 1 && padding >= 0 && padding < r,
+              "norm_conv: expected a stride of 1 or more and a padding in [0, kernel), got stride ", stride,
+              ", padding ", padding, " for a ", r, "x", r, " kernel");
+  TORCH_CHECK(x.size(2) + 2 * padding >= r && x.size(3) + 2 * padding >= r, "norm_conv: the ", x.size(2), "x",
+              x.size(3), " input with padding ", padding, " is smaller than the ", r, "x", r, " kernel");
+  TORCH_CHECK(scale.has_value() == shift.has_value(),
+              "norm_conv: expected both scale and shift or neither, got ", scale.has_value() ? "scale" : "shift",
+              " alone");
+  for (const auto* t : {&scale, &shift}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->numel() == x.size(1),
+                "norm_conv: expected a scale and a shift of shape (", x.size(1), "), got ", (*t)->sizes());
+    TORCH_CHECK((*t)->scalar_type() == x.scalar_type() || (*t)->scalar_type() == at::kFloat,
+                "norm_conv: expected a float32 (or the input's dtype) scale and shift, got ", (*t)->scalar_type());
+    TORCH_CHECK((*t)->device() == x.device(), "norm_conv: expected the scale and shift on ", x.device(), ", got ",
+                (*t)->device());
+  }
+  TORCH_CHECK(weight.device() == x.device(), "norm_conv: expected the weight on ", x.device(), ", got ",
+              weight.device());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fast, CompositeExplicitAutograd, m) {
@@ -43,6 +75,7 @@ TORCH_LIBRARY_IMPL(resnet_fast, CompositeExplicitAutograd, m) {
   m.impl("check_batch_norm_act", &check_batch_norm_act);
   m.impl("check_batch_norm_act_backward", &check_batch_norm_act_backward);
   m.impl("check_bias_act", &check_bias_act);
+  m.impl("check_norm_conv", &check_norm_conv);
 }
 
 }  // namespace resnet_fast

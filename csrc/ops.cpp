@@ -25,6 +25,8 @@ PyObject* PyInit__C(void) {
   "(Tensor grad_y, Tensor x, Tensor? output, Tensor weight, Tensor mean, Tensor var, bool training, " \
   "float eps, bool relu, bool residual_grad, Tensor? bias=None)"
 #define RF_BIAS_ACT_ARGS "(Tensor x, Tensor bias, Tensor? residual, int residual_stride, bool relu)"
+#define RF_NORM_CONV_ARGS \
+  "(Tensor x, Tensor weight, int stride, int padding, Tensor? scale, Tensor? shift, bool relu)"
 
 TORCH_LIBRARY(resnet_fast, m) {
   // Option-A shortcut (see csrc/common/zero_pad_shortcut.h).
@@ -124,6 +126,13 @@ TORCH_LIBRARY(resnet_fast, m) {
   // register tiles of 6 x 64 channels (else AVX2's 6 x 16), as resnet_fast._routing decides.
   m.def("conv_bias_act(Tensor x, Tensor weight_packed, Tensor bias, Tensor? residual, bool relu, int kernel, "
         "int stride, int padding, bool wide=False) -> Tensor");
+  // Issue 18's "NormConvolution" forward, on GPUs (Triton; not routed yet): a convolution whose
+  // input is normalised as it is loaded, x' = [relu](x * scale[c] + shift[c]) (the previous
+  // BatchNorm's scale and shift; the zero padding is x''s), and whose epilogue reduces its own output
+  // to the batch's mean and biased variance per output channel (the next BatchNorm's statistics):
+  // (y, mean, var), y = conv2d(x', weight, stride, padding), no bias, square kernel, dilation 1, one
+  // group. Without scale and shift, x' = [relu](x).
+  m.def("norm_conv" RF_NORM_CONV_ARGS " -> (Tensor, Tensor, Tensor)");
 
   // The argument checks of the ops above that Triton implements too (csrc/common/checks.h, for any
   // device): the Triton launchers run them, so that every implementation refuses bad input with
@@ -133,4 +142,5 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def("check_batch_norm_act" RF_BATCH_NORM_ACT_ARGS " -> ()");
   m.def("check_batch_norm_act_backward" RF_BATCH_NORM_ACT_BACKWARD_ARGS " -> ()");
   m.def("check_bias_act" RF_BIAS_ACT_ARGS " -> ()");
+  m.def("check_norm_conv" RF_NORM_CONV_ARGS " -> ()");
 }

@@ -127,6 +127,22 @@ def conv_bn_act_train(
     return (torch.relu(y) if relu else y), mean, var
 
 
+def norm_conv(
+    x: Tensor, weight: Tensor, stride: int, padding: int, scale: Tensor | None, shift: Tensor | None, relu: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A convolution with the previous BatchNorm applied to its input as it is loaded and the next
+    BatchNorm's statistics reduced from its output (issue 18's "NormConvolution" forward):
+    ``x' = [relu](x * scale[c] + shift[c])`` (``[relu](x)`` without scale and shift), zero-padded,
+    ``y = conv2d(x', weight, stride, padding)`` (no bias), and the batch's mean and biased variance
+    of each output channel of y over (N, OH, OW). Returns (y, mean, var)."""
+    if scale is not None:
+        x = x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
+    if relu:
+        x = torch.relu(x)
+    y = F.conv2d(x, weight, None, stride, padding)
+    return y, y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+
+
 def conv3x3_weight_grad(grad_out: Tensor, x: Tensor, stride: int) -> Tensor:
     """The gradient of :func:`conv3x3_train` with respect to its weight:
     ``dW[k, c, r, s] = sum_{n, h, w} grad_out[n, k, h, w] * x[n, c, h*stride + r - 1, w*stride + s - 1]``.

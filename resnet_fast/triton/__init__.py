@@ -4,7 +4,7 @@ Their schemas are the C++ library's own (csrc/ops.cpp, read from ``torch.ops.res
 argument checks the C++ ones (the ``resnet_fast::check_<op>`` ops), and their fake kernels and
 autograd those of resnet_fast/ops/<op>.py, so torch.compile traces them without a graph break and
 the models switch between implementations by namespace alone. The kernels and their launchers
-are in :mod:`.batch_norm_act` and :mod:`.zero_pad_shortcut`. Imported by :mod:`resnet_fast.ops`
+are in :mod:`.batch_norm_act`, :mod:`.zero_pad_shortcut` and :mod:`.norm_conv`. Imported by :mod:`resnet_fast.ops`
 when Triton can run (a CUDA device, or ``TRITON_INTERPRET=1`` set before import for CPU tensors).
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from .. import _backend
 from . import batch_norm_act as _bn
+from . import norm_conv as _nc
 from . import zero_pad_shortcut as _zp
 from ._common import INTERPRET
 
@@ -28,6 +29,7 @@ LAUNCHERS = {
     "batch_norm_act": _bn.batch_norm_act,
     "batch_norm_act_backward": _bn.batch_norm_act_backward,
     "bias_act": _bn.bias_act,
+    "norm_conv": _nc.norm_conv,
 }
 
 
@@ -64,6 +66,7 @@ for _op in LAUNCHERS:
 _batch_norm_act_op = importlib.import_module("resnet_fast.ops.batch_norm_act")
 _bias_act_op = importlib.import_module("resnet_fast.ops.bias_act")
 _zero_pad_shortcut_op = importlib.import_module("resnet_fast.ops.zero_pad_shortcut")
+_norm_conv_op = importlib.import_module("resnet_fast.ops.norm_conv")
 _batch_norm_act_op.register_fakes(NAMESPACE)
 _batch_norm_act_op.register_double_backward(NAMESPACE)
 _batch_norm_act_op.register_autograd(NAMESPACE)
@@ -71,6 +74,7 @@ _bias_act_op.register(NAMESPACE)
 _zero_pad_shortcut_op.register_fakes(NAMESPACE)
 _zero_pad_shortcut_op.register_double_backward(NAMESPACE)
 _zero_pad_shortcut_op.register_autograd(NAMESPACE)
+_norm_conv_op.register_fakes(NAMESPACE)
 
 # The fused ops (those the README's table lists) that run here.
 _backend._triton_loaded(tuple(op for op in LAUNCHERS if op in _backend.FUSED_OPS))

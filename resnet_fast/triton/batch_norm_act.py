@@ -70,10 +70,11 @@ def _stats_kernel(
 @triton.jit
 def _stats_finalize_kernel(
     pmean_ptr, pm2_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, M, C, P, ROWS, eps,
-    FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+    FP64: tl.constexpr, AFFINE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merges the P float64 partials of each channel in order; writes mean, biased var, and the
-    per-channel scale = weight / sqrt(var + eps) and shift = bias - mean * scale."""
+    """Merges the P float64 partials of each channel in order (each of ROWS rows, the last of the
+    rest); writes mean, biased var, and where AFFINE the per-channel scale = weight / sqrt(var +
+    eps) and shift = bias - mean * scale."""
     acc_t: tl.constexpr = tl.float64 if FP64 else tl.float32
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cmask = c < C
@@ -89,7 +90,8 @@ def _stats_finalize_kernel(
     mean = mean.to(acc_t)
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(var_ptr + c, var, mask=cmask)
-    _store_scale_shift(scale_ptr, shift_ptr, w_ptr, b_ptr, mean, var, c, cmask, eps, acc_t)
+    if AFFINE:
+        _store_scale_shift(scale_ptr, shift_ptr, w_ptr, b_ptr, mean, var, c, cmask, eps, acc_t)
 
 
 @triton.jit
@@ -263,7 +265,8 @@ def batch_norm_act(
             x, pmean, pm2, M, C, H * W, W, *x.stride(), rows, IS_CL=cl, FP64=fp64, **blocks
         )
         _stats_finalize_kernel[fin_grid](
-            pmean, pm2, weight, bias, mean, var, scale, shift, M, C, P, rows, eps, FP64=fp64, BLOCK_C=FINALIZE_BLOCK_C
+            pmean, pm2, weight, bias, mean, var, scale, shift, M, C, P, rows, eps, FP64=fp64, AFFINE=True,
+            BLOCK_C=FINALIZE_BLOCK_C
         )
     else:
         _affine_kernel[fin_grid](mean, var, weight, bias, scale, shift, C, eps, FP64=fp64, BLOCK_C=FINALIZE_BLOCK_C)
