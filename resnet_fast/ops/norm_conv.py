@@ -7,7 +7,10 @@ Formula: :func:`resnet_fast.ops.reference.norm_conv`. Kernel: ``resnet_fast/trit
 (Triton only; under ``TRITON_INTERPRET=1`` on CPU tensors, which is how it is tested here). Schema
 and argument check: ``csrc/ops.cpp``, ``csrc/checks.cpp``. Not routed: no model calls it until a GPU
 has measured it faster than cuDNN's convolution followed by the statistics pass
-(``bench/test_gpu.py::test_gpu_norm_conv_forward``). Forward only (no autograd yet).
+(``bench/test_gpu.py::test_gpu_norm_conv_forward``). Autograd (:func:`register_autograd`): the
+backward in PyTorch ops, unfused (the normalised input recomputed, ATen's convolution backward,
+the prologue's chain rule), differentiable again, so double backward works; the fused backward
+(the data gradient with the ReLU mask and the BatchNorm reductions in its epilogue) is next.
 """
 
 from __future__ import annotations
@@ -41,3 +44,46 @@ def register_fakes(ns: str) -> None:
         k = weight.shape[0]
         return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
                 x.new_empty((k,), dtype=acc), x.new_empty((k,), dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, stride, padding, scale, shift, relu = inputs
+    y, mean, _var = output
+    ctx.conv = (stride, padding, relu)
+    ctx.save_for_backward(x, weight, scale, shift, y, mean)
+
+
+def _backward(ctx, grad_y, grad_mean, grad_var):
+    x, weight, scale, shift, y, mean = ctx.saved_tensors
+    stride, padding, relu = ctx.conv
+    count = max(y.numel() // max(y.shape[1], 1), 1)
+    # The statistics' gradients join y's: d mean / d y = 1 / count, d var / d y = 2 (y - mean) / count.
+    g = torch.zeros_like(y) if grad_y is None else grad_y
+    if grad_mean is not None:
+        g = g + (grad_mean / count).to(y.dtype).reshape(1, -1, 1, 1)
+    if grad_var is not None:
+        g = g + (grad_var.reshape(1, -1, 1, 1) * 2 / count * (y - mean.reshape(1, -1, 1, 1))).to(y.dtype)
+    pre = x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1) if scale is not None else x
+    xin = torch.relu(pre) if relu else pre
+    need_x = ctx.needs_input_grad[0] or (scale is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]))
+    grad_xin, grad_weight, _ = torch.ops.aten.convolution_backward(
+        g, xin, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
+        [need_x, ctx.needs_input_grad[1], False],
+    )
+    grad_x = grad_scale = grad_shift = None
+    if need_x:
+        grad_pre = torch.where(pre > 0, grad_xin, 0) if relu else grad_xin
+        if scale is None:
+            grad_x = grad_pre
+        else:
+            grad_x = grad_pre * scale.to(x.dtype).reshape(1, -1, 1, 1) if ctx.needs_input_grad[0] else None
+            if ctx.needs_input_grad[4]:
+                grad_scale = (grad_pre * x).sum((0, 2, 3)).to(scale.dtype)
+            if ctx.needs_input_grad[5]:
+                grad_shift = grad_pre.sum((0, 2, 3)).to(shift.dtype)
+    return grad_x, grad_weight, None, None, grad_scale, grad_shift, None
+
+
+def register_autograd(ns: str) -> None:
+    """The autograd of ``{ns}::norm_conv`` (see the module docstring)."""
+    torch.library.register_autograd(f"{ns}::norm_conv", _backward, setup_context=_setup_context)

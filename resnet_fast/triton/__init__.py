@@ -75,6 +75,7 @@ _zero_pad_shortcut_op.register_fakes(NAMESPACE)
 _zero_pad_shortcut_op.register_double_backward(NAMESPACE)
 _zero_pad_shortcut_op.register_autograd(NAMESPACE)
 _norm_conv_op.register_fakes(NAMESPACE)
+_norm_conv_op.register_autograd(NAMESPACE)
 
 # The fused ops (those the README's table lists) that run here.
 _backend._triton_loaded(tuple(op for op in LAUNCHERS if op in _backend.FUSED_OPS))

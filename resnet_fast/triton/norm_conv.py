@@ -12,7 +12,8 @@ float64 partial per program row; the statistics kernel's finalize merges them in
 Chan's formula: deterministic, no atomics.
 
 Not routed yet: it is on by default nowhere until a GPU has measured it against cuDNN's
-convolution followed by the statistics pass (bench/test_gpu.py). Forward only: the backward (the
+convolution followed by the statistics pass (bench/test_gpu.py). The kernel is the forward; its
+autograd (:mod:`resnet_fast.ops.norm_conv`) is PyTorch's ops, unfused, and the fused backward (the
 data gradient with the ReLU mask and the BatchNorm weight and bias reductions in its epilogue) is
 the next step. Float32 products follow ``torch.backends.cudnn.allow_tf32``, as PyTorch's
 convolutions on GPUs do.

@@ -2,8 +2,9 @@
 loaded, the next one's statistics reduced in the epilogue; resnet_fast/triton/norm_conv.py)
 against its formula: float64 to rounding, float32 within a few times eager float32's own error
 against float64; every layout, prologue on and off, strides, paddings, kernel sizes, channel
-counts off the tiles' sizes, batch 1, 1x1 output maps; clear errors; the fake kernel (opcheck).
-Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py)."""
+counts off the tiles' sizes, batch 1, 1x1 output maps; clear errors; the fake kernel (opcheck);
+the autograd (every gradient, through y and the statistics, against the formula's; gradcheck and
+gradgradcheck in float64; only the gradients asked for). Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py)."""
 
 import pytest
 import torch
@@ -140,6 +141,102 @@ def test_bad_input_gets_a_clear_error(kwargs, message):
 
 
 def test_opcheck():
-    x, weight, scale, shift = args((2, 8, 6, 6, 16, 3, 1, 1), torch.float32, "channels_last", True)
+    """Schema, fake kernel, and the autograd's registration and tracing (inputs requiring grad)."""
+    x, weight, scale, shift = (t.requires_grad_(True) for t in args((2, 8, 6, 6, 16, 3, 1, 1), torch.float32, "channels_last", True))
     torch.library.opcheck(torch.ops.resnet_fast_triton.norm_conv, (x, weight, 1, 1, scale, shift, True),
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
+# (shape, prologue, relu) for the gradient tests: small, as each forward runs in the interpreter here.
+GRAD_CASES = [
+    ((2, 5, 6, 6, 7, 3, 1, 1), True, True), ((2, 5, 6, 6, 7, 3, 2, 1), True, False),
+    ((1, 6, 4, 4, 9, 1, 1, 0), False, True), ((2, 4, 5, 5, 6, 1, 2, 0), False, False),
+]
+
+
+def loss_of(outputs, cotangents):
+    """A loss that reaches y and both statistics, with fixed random weights on each."""
+    return sum((o * g).sum() for o, g in zip(outputs, cotangents))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+def test_gradients_against_formula(case, dtype, layout):
+    """The gradients of x, weight, scale and shift through y, mean and var: float64 to rounding,
+    float32 within a few times eager float32's error against float64."""
+    shape, prologue, relu = case
+    stride, padding = shape[6], shape[7]
+    inputs = [t for t in args(shape, dtype, layout, prologue) if t is not None]
+
+    def grads(fn, ins):
+        ins = [t.detach().clone().requires_grad_(True) for t in ins]
+        outputs = fn(*ins)
+        torch.manual_seed(1)
+        cotangents = [torch.randn(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
+        return torch.autograd.grad(loss_of(outputs, cotangents), ins)
+
+    def ours(x, w, *ss):
+        return norm_conv(x, w, stride, padding, *(ss or (None, None)), relu)
+
+    def formula(x, w, *ss):
+        return reference.norm_conv(x, w, stride, padding, *(ss or (None, None)), relu)
+
+    got = grads(ours, inputs)
+    want = grads(formula, [t.double() for t in inputs])
+    names = ["x", "weight", "scale", "shift"]
+    if dtype == torch.float64:
+        for name, g, w in zip(names, got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
+        return
+    eager = grads(formula, inputs)
+    for name, g, own, w in zip(names, got, eager, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        err = (g.double() - w).abs().max().item()
+        yardstick = (own.double() - w).abs().max().item()
+        bound = 4 * yardstick + 4 * torch.finfo(torch.float32).eps * w.abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3g} against float64, eager float32's {yardstick:.3g}"
+
+
+@pytest.mark.parametrize("prologue", [True, False], ids=["scale-shift", "plain"])
+def test_gradcheck_and_gradgradcheck(prologue):
+    """Numerical against analytical gradients in float64, and again for the backward itself (a
+    gradient penalty): the backward is PyTorch ops, differentiable in everything it reads."""
+    x, weight, scale, shift = args((1, 3, 4, 4, 4, 3, 1, 1), torch.float64, "channels_last", prologue)
+    inputs = [t.requires_grad_(True) for t in (x, weight, scale, shift) if t is not None]
+
+    def fn(x, w, *ss):
+        return norm_conv(x, w, 1, 1, *(ss or (None, None)), True)
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("wanted", ["x", "weight", "scale"])
+def test_only_the_gradients_asked_for(wanted):
+    """With one input requiring grad, the others get none and the one asked for is the formula's."""
+    shape = (2, 4, 5, 5, 6, 3, 1, 1)
+    x, weight, scale, shift = args(shape, torch.float64, "channels_last", True)
+    inputs = {"x": x, "weight": weight, "scale": scale, "shift": shift}
+    inputs[wanted].requires_grad_(True)
+    y, _mean, var = norm_conv(inputs["x"], inputs["weight"], 1, 1, inputs["scale"], inputs["shift"], True)
+    (got,) = torch.autograd.grad(y.sum() + var.sum(), inputs[wanted])
+    ref = {k: v.detach().clone().requires_grad_(k == wanted) for k, v in inputs.items()}
+    y, _mean, var = reference.norm_conv(ref["x"], ref["weight"], 1, 1, ref["scale"], ref["shift"], True)
+    (want,) = torch.autograd.grad(y.sum() + var.sum(), ref[wanted])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert all(t.grad is None for t in inputs.values())
+
+
+def test_backward_with_only_the_statistics_used():
+    """A loss of the statistics alone (y's gradient None) still reaches x and weight."""
+    x, weight, _scale, _shift = args((2, 4, 5, 5, 6, 3, 1, 1), torch.float64, "channels_last", False)
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    _y, mean, var = norm_conv(x, weight, 1, 1, None, None, False)
+    got = torch.autograd.grad(mean.sum() + (var * var).sum(), (x, weight))
+    xr, wr = x.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    _y, mean, var = reference.norm_conv(xr, wr, 1, 1, None, None, False)
+    want = torch.autograd.grad(mean.sum() + (var * var).sum(), (xr, wr))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
