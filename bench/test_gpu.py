@@ -183,3 +183,43 @@ def test_gpu_norm_conv_forward(benchmark, shape):
     compare(benchmark, f"GPU norm_conv forward {shape} fp32", x.numel(), synced(ours),
             baselines({"eager (cuDNN + statistics)": synced(eager)},
                       {"torch.compile": lambda: synced(torch.compile(eager))}), pairs=20, rounds=20)
+
+
+@pytest.mark.parametrize("shape", [(256, 64, 56, 56, 64, 3, 1), (256, 256, 56, 56, 64, 1, 1), (256, 128, 28, 28, 128, 3, 2)], ids=str)
+def test_gpu_norm_conv_forward_backward(benchmark, shape):
+    """norm_conv forward + its fused backward (the statistics' gradients folded into y's, the data
+    gradient with the ReLU mask and the scale's and shift's reductions in its epilogue, the weight
+    gradient with the normalised input recomputed) against eager autograd through the same formula
+    (cuDNN's forward, data and weight gradients, the elementwise passes); every gradient checked
+    against float64 on a slice of the batch before timing."""
+    if "triton" not in resnet_fast.available_backends():
+        pytest.skip("Triton is not available")
+    n, c, h, w, k, r, stride = shape
+    pad = r // 2
+    x = torch.randn(n, c, h, w, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weight = (torch.randn(k, c, r, r, device="cuda") / (c * r * r) ** 0.5).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    scale = (torch.rand(c, device="cuda") + 0.5).requires_grad_(True)
+    shift = (torch.randn(c, device="cuda") * 0.5).requires_grad_(True)
+    ins = (x, weight, scale, shift)
+
+    def step(fn, args):
+        y, mean, var = fn(args[0], args[1], stride, pad, args[2], args[3], True)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        loss = (y * torch.randn(y.shape, generator=gen, device="cuda").to(y.dtype)).sum() + mean.sum() + var.sum()
+        return torch.autograd.grad(loss, args)
+
+    sub = [t.detach()[:8].requires_grad_(True) if i == 0 else t for i, t in enumerate(ins)]
+    got = step(resnet_fast.ops.norm_conv, sub)
+    oracle = step(resnet_fast.ops.reference.norm_conv, [t.detach().double().requires_grad_(True) for t in sub])
+    for name, g, want in zip(("x", "weight", "scale", "shift"), got, oracle):
+        assert (g.double() - want).abs().max().item() <= 1e-2 * want.abs().max().item() + 1e-4, name
+
+    def ours():
+        return step(resnet_fast.ops.norm_conv, ins)
+
+    def eager():
+        return step(resnet_fast.ops.reference.norm_conv, ins)
+
+    compare(benchmark, f"GPU norm_conv fwd+bwd {shape} fp32", x.numel(), synced(ours),
+            baselines({"eager (cuDNN + statistics)": synced(eager)}, {}), pairs=10, rounds=10)

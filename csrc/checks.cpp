@@ -2,6 +2,9 @@
 // for any device, so that the Triton launchers refuse bad input with the C++ kernels' words.
 #include <torch/library.h>
 
+#include <array>
+#include <vector>
+
 #include "common/checks.h"
 
 namespace resnet_fast {
@@ -67,6 +70,35 @@ void check_norm_conv(const at::Tensor& x, const at::Tensor& weight, int64_t stri
               weight.device());
 }
 
+void check_norm_conv_backward(const std::optional<at::Tensor>& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                              int64_t stride, int64_t padding, const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& shift, bool relu, const at::Tensor& y,
+                              const at::Tensor& mean, const std::optional<at::Tensor>& grad_mean,
+                              const std::optional<at::Tensor>& grad_var, std::array<bool, 3> /*output_mask*/) {
+  check_norm_conv(x, weight, stride, padding, scale, shift, relu);
+  const int64_t r = weight.size(2);
+  const std::vector<int64_t> out{x.size(0), weight.size(0), (x.size(2) + 2 * padding - r) / stride + 1,
+                                 (x.size(3) + 2 * padding - r) / stride + 1};
+  TORCH_CHECK(y.sizes() == at::IntArrayRef(out) && y.scalar_type() == x.scalar_type() && y.device() == x.device(),
+              "norm_conv_backward: expected the forward's output y of shape ", at::IntArrayRef(out), " (",
+              x.scalar_type(), ", on ", x.device(), "), got ", y.sizes(), " (", y.scalar_type(), ", on ", y.device(),
+              ")");
+  if (grad_y.has_value()) {
+    TORCH_CHECK(grad_y->sizes() == y.sizes() && grad_y->scalar_type() == x.scalar_type() &&
+                    grad_y->device() == x.device(),
+                "norm_conv_backward: expected grad_y like y, ", y.sizes(), " (", x.scalar_type(), "), got ",
+                grad_y->sizes(), " (", grad_y->scalar_type(), ", on ", grad_y->device(), ")");
+  }
+  for (const auto* t : {&grad_mean, &grad_var}) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->numel() == weight.size(0) && (*t)->device() == x.device(),
+                "norm_conv_backward: expected grad_mean and grad_var of shape (", weight.size(0), ") on ",
+                x.device(), ", got ", (*t)->sizes(), " on ", (*t)->device());
+  }
+  TORCH_CHECK(mean.dim() == 1 && mean.numel() == weight.size(0) && mean.device() == x.device(),
+              "norm_conv_backward: expected the forward's mean of shape (", weight.size(0), "), got ", mean.sizes());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fast, CompositeExplicitAutograd, m) {
@@ -76,6 +108,7 @@ TORCH_LIBRARY_IMPL(resnet_fast, CompositeExplicitAutograd, m) {
   m.impl("check_batch_norm_act_backward", &check_batch_norm_act_backward);
   m.impl("check_bias_act", &check_bias_act);
   m.impl("check_norm_conv", &check_norm_conv);
+  m.impl("check_norm_conv_backward", &check_norm_conv_backward);
 }
 
 }  // namespace resnet_fast

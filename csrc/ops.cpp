@@ -27,6 +27,9 @@ PyObject* PyInit__C(void) {
 #define RF_BIAS_ACT_ARGS "(Tensor x, Tensor bias, Tensor? residual, int residual_stride, bool relu)"
 #define RF_NORM_CONV_ARGS \
   "(Tensor x, Tensor weight, int stride, int padding, Tensor? scale, Tensor? shift, bool relu)"
+#define RF_NORM_CONV_BACKWARD_ARGS                                                                   \
+  "(Tensor? grad_y, Tensor x, Tensor weight, int stride, int padding, Tensor? scale, Tensor? shift, " \
+  "bool relu, Tensor y, Tensor mean, Tensor? grad_mean, Tensor? grad_var, bool[3] output_mask)"
 
 TORCH_LIBRARY(resnet_fast, m) {
   // Option-A shortcut (see csrc/common/zero_pad_shortcut.h).
@@ -133,6 +136,12 @@ TORCH_LIBRARY(resnet_fast, m) {
   // (y, mean, var), y = conv2d(x', weight, stride, padding), no bias, square kernel, dilation 1, one
   // group. Without scale and shift, x' = [relu](x).
   m.def("norm_conv" RF_NORM_CONV_ARGS " -> (Tensor, Tensor, Tensor)");
+  // Its backward, fused: (grad_x, grad_weight, grad_scale, grad_shift) from the gradients of y
+  // (None: zero) and of the statistics (grad_mean, grad_var, folded into y's as it is loaded), the
+  // forward's arguments and its outputs y and mean. The normalised input is recomputed from x, the
+  // ReLU mask too. output_mask: (grad_x, grad_weight, grad_scale and grad_shift); an output not
+  // asked for (or the scale's and shift's without them) is empty.
+  m.def("norm_conv_backward" RF_NORM_CONV_BACKWARD_ARGS " -> (Tensor, Tensor, Tensor, Tensor)");
 
   // The argument checks of the ops above that Triton implements too (csrc/common/checks.h, for any
   // device): the Triton launchers run them, so that every implementation refuses bad input with
@@ -143,4 +152,5 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def("check_batch_norm_act_backward" RF_BATCH_NORM_ACT_BACKWARD_ARGS " -> ()");
   m.def("check_bias_act" RF_BIAS_ACT_ARGS " -> ()");
   m.def("check_norm_conv" RF_NORM_CONV_ARGS " -> ()");
+  m.def("check_norm_conv_backward" RF_NORM_CONV_BACKWARD_ARGS " -> ()");
 }

@@ -7,10 +7,14 @@ Formula: :func:`resnet_fast.ops.reference.norm_conv`. Kernel: ``resnet_fast/trit
 (Triton only; under ``TRITON_INTERPRET=1`` on CPU tensors, which is how it is tested here). Schema
 and argument check: ``csrc/ops.cpp``, ``csrc/checks.cpp``. Not routed: no model calls it until a GPU
 has measured it faster than cuDNN's convolution followed by the statistics pass
-(``bench/test_gpu.py::test_gpu_norm_conv_forward``). Autograd (:func:`register_autograd`): the
-backward in PyTorch ops, unfused (the normalised input recomputed, ATen's convolution backward,
-the prologue's chain rule), differentiable again, so double backward works; the fused backward
-(the data gradient with the ReLU mask and the BatchNorm reductions in its epilogue) is next.
+(``bench/test_gpu.py::test_gpu_norm_conv_forward`` and ``..._backward``).
+
+Autograd (:func:`register_autograd`): the fused backward, ``norm_conv_backward`` (the same
+kernel file: the statistics' gradients folded into y's as it is loaded, the data gradient with the
+ReLU mask, the scale and the scale's and shift's reductions in its epilogue, the weight gradient
+with the normalised input recomputed in its prologue). Under ``create_graph`` (a gradient penalty,
+double backward) the backward is :func:`_backward_eager` instead, the same formula in PyTorch's
+ops, which autograd differentiates again.
 """
 
 from __future__ import annotations
@@ -45,6 +49,16 @@ def register_fakes(ns: str) -> None:
         return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
                 x.new_empty((k,), dtype=acc), x.new_empty((k,), dtype=acc))
 
+    @torch.library.register_fake(f"{ns}::norm_conv_backward")
+    def _(grad_y, x, weight, stride, padding, scale, shift, relu, y, mean, grad_mean, grad_var, output_mask):
+        empty = x.new_empty(0)
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if output_mask[0] else empty
+        grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if output_mask[1] else empty
+        with_ss = output_mask[2] and scale is not None
+        return (grad_x, grad_w, torch.empty_like(scale) if with_ss else empty,
+                torch.empty_like(shift) if with_ss else empty)
+
 
 def _setup_context(ctx, inputs, output):
     x, weight, stride, padding, scale, shift, relu = inputs
@@ -54,6 +68,22 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_mean, grad_var):
+    if torch.is_grad_enabled():  # create_graph: a backward that autograd can differentiate
+        return _backward_eager(ctx, grad_y, grad_mean, grad_var)
+    x, weight, scale, shift, y, mean = ctx.saved_tensors
+    stride, padding, relu = ctx.conv
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], scale is not None and (need[4] or need[5])]
+    grad_x, grad_weight, grad_scale, grad_shift = ctx.backward_op(
+        grad_y, x, weight, stride, padding, scale, shift, relu, y, mean, grad_mean, grad_var, mask
+    )
+    return (grad_x if need[0] else None, grad_weight if need[1] else None, None, None,
+            grad_scale if mask[2] and need[4] else None, grad_shift if mask[2] and need[5] else None, None)
+
+
+def _backward_eager(ctx, grad_y, grad_mean, grad_var):
+    """The backward in PyTorch's ops (differentiable): the statistics' gradients folded into y's,
+    the normalised input recomputed, ATen's convolution backward, the prologue's chain rule."""
     x, weight, scale, shift, y, mean = ctx.saved_tensors
     stride, padding, relu = ctx.conv
     count = max(y.numel() // max(y.shape[1], 1), 1)
@@ -86,4 +116,10 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
 
 def register_autograd(ns: str) -> None:
     """The autograd of ``{ns}::norm_conv`` (see the module docstring)."""
-    torch.library.register_autograd(f"{ns}::norm_conv", _backward, setup_context=_setup_context)
+    backward_op = getattr(torch.ops, ns).norm_conv_backward
+
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.backward_op = backward_op
+
+    torch.library.register_autograd(f"{ns}::norm_conv", _backward, setup_context=setup_context)

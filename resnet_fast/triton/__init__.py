@@ -30,6 +30,7 @@ LAUNCHERS = {
     "batch_norm_act_backward": _bn.batch_norm_act_backward,
     "bias_act": _bn.bias_act,
     "norm_conv": _nc.norm_conv,
+    "norm_conv_backward": _nc.norm_conv_backward,
 }
 
 

@@ -3,8 +3,10 @@ loaded, the next one's statistics reduced in the epilogue; resnet_fast/triton/no
 against its formula: float64 to rounding, float32 within a few times eager float32's own error
 against float64; every layout, prologue on and off, strides, paddings, kernel sizes, channel
 counts off the tiles' sizes, batch 1, 1x1 output maps; clear errors; the fake kernel (opcheck);
-the autograd (every gradient, through y and the statistics, against the formula's; gradcheck and
-gradgradcheck in float64; only the gradients asked for). Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py)."""
+the fused backward (norm_conv_backward: every gradient, through y and the statistics, against the
+formula's autograd over the forward's shapes and a fuzz; what output_mask leaves out; clear
+errors) and the autograd around it (gradcheck; gradgradcheck, which runs the PyTorch-ops backward
+under create_graph; only the gradients asked for). Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py)."""
 
 import pytest
 import torch
@@ -240,3 +242,127 @@ def test_backward_with_only_the_statistics_used():
     want = torch.autograd.grad(mean.sum() + (var * var).sum(), (xr, wr))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def backward_case(shape, dtype, layout, prologue, relu, with_grad_y=True, with_stats=True, seed=1):
+    """norm_conv_backward's gradients and the formula's autograd (in float64) for one case, and
+    eager float32's (the formula's autograd in the case's dtype)."""
+    _n, _c, _h, _w, _k, _r, stride, padding = shape
+    x, weight, scale, shift = args(shape, dtype, layout, prologue)
+    y, mean, _var = norm_conv(x, weight, stride, padding, scale, shift, relu)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    acc = mean.dtype
+    grad_y = torch.randn(y.shape, generator=gen, device=DEVICE).to(dtype) if with_grad_y else None
+    grad_mean = torch.randn(y.shape[1], generator=gen, device=DEVICE).to(acc) if with_stats else None
+    grad_var = torch.randn(y.shape[1], generator=gen, device=DEVICE).to(acc) if with_stats else None
+    got = torch.ops.resnet_fast_triton.norm_conv_backward(
+        grad_y, x, weight, stride, padding, scale, shift, relu, y, mean, grad_mean, grad_var, [True, True, True]
+    )
+
+    def formula(dt):
+        ins = [t.detach().to(dt).requires_grad_(True) for t in (x, weight, scale, shift) if t is not None]
+        out = reference.norm_conv(ins[0], ins[1], stride, padding, *(ins[2:] or (None, None)), relu)
+        cot = [(grad_y, out[0]), (grad_mean, out[1]), (grad_var, out[2])]
+        loss = sum((o * g.to(o.dtype)).sum() for g, o in cot if g is not None)
+        return torch.autograd.grad(loss, ins)
+
+    return got, formula(torch.float64), formula(dtype) if dtype != torch.float64 else None
+
+
+def assert_backward_close(shape, dtype, layout, prologue, relu, **kw):
+    got, want, eager = backward_case(shape, dtype, layout, prologue, relu, **kw)
+    names = ["x", "weight", "scale", "shift"][: len(want)]
+    assert all(t.numel() == 0 for t in got[len(want):]), "scale and shift gradients without a prologue"
+    for i, (name, g, w) in enumerate(zip(names, got, want)):
+        assert g.shape == w.shape and g.dtype == (dtype if i < 2 else torch.float32 if dtype == torch.float32 else dtype)
+        if dtype == torch.float64:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
+            continue
+        err = (g.double() - w).abs().max().item()
+        yardstick = (eager[i].double() - w).abs().max().item()
+        bound = 4 * yardstick + 4 * torch.finfo(torch.float32).eps * w.abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3g} against float64, eager float32's {yardstick:.3g}"
+
+
+# The forward's shapes, the stem's smaller (its 49 taps cost the interpreter most).
+BACKWARD_SHAPES = [s if s[5] != 7 else (1, 3, 7, 7, 16, 7, 2, 3) for s in SHAPES]
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
+@pytest.mark.parametrize("prologue", [True, False], ids=["scale-shift", "plain"])
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=str)
+def test_backward_against_formula(shape, dtype, layout, prologue, relu):
+    """The fused backward (the data gradient's gather over strides, the ReLU mask and the
+    reductions in its epilogue; the weight gradient's slices) against the formula's autograd."""
+    assert_backward_close(shape, dtype, layout, prologue, relu)
+
+
+@pytest.mark.parametrize("with_grad_y, with_stats", [(True, False), (False, True)], ids=["y-only", "stats-only"])
+def test_backward_with_some_gradients_none(with_grad_y, with_stats):
+    assert_backward_close((2, 6, 5, 5, 9, 3, 2, 1), torch.float64, "channels_last", True, True,
+                          with_grad_y=with_grad_y, with_stats=with_stats)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(1, 3), c=st.integers(1, 20), size=st.integers(1, 9), k=st.integers(1, 40),
+    r=st.sampled_from([1, 3, 5]), stride=st.integers(1, 3), pad=st.integers(0, 2),
+    prologue=st.booleans(), relu=st.booleans(),
+)
+def test_fuzz_backward_in_float64(n, c, size, k, r, stride, pad, prologue, relu):
+    pad = min(pad, r - 1)
+    size = max(size, r - 2 * pad)
+    assert_backward_close((n, c, size, size, k, r, stride, pad), torch.float64, "channels_last", prologue, relu)
+
+
+def test_weight_gradient_over_many_slices():
+    """Enough output pixels that the weight gradient's programs share them out in several slices
+    (the interpreter's at most 8), summed in order: still the formula's."""
+    assert_backward_close((4, 8, 12, 12, 16, 3, 1, 1), torch.float64, "channels_last", True, True)
+
+
+@pytest.mark.parametrize("mask", [[True, False, False], [False, True, False], [False, False, True]], ids=str)
+def test_backward_outputs_not_asked_for_are_empty(mask):
+    shape = (2, 4, 5, 5, 6, 3, 1, 1)
+    x, weight, scale, shift = args(shape, torch.float64, "channels_last", True)
+    y, mean, _var = norm_conv(x, weight, 1, 1, scale, shift, True)
+    out = torch.ops.resnet_fast_triton.norm_conv_backward(
+        torch.ones_like(y), x, weight, 1, 1, scale, shift, True, y, mean, None, None, mask
+    )
+    asked = [mask[0], mask[1], mask[2], mask[2]]
+    assert [t.numel() > 0 for t in out] == asked
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"y": torch.randn(1, 8, 4, 4)}, r"expected the forward's output y of shape \[1, 8, 5, 5\]"),
+        ({"grad_y": torch.randn(1, 8, 4, 4)}, "expected grad_y like y"),
+        ({"grad_mean": torch.randn(3)}, r"expected grad_mean and grad_var of shape \(8\)"),
+        ({"mean": torch.randn(3)}, r"expected the forward's mean of shape \(8\)"),
+        ({"weight": torch.randn(8, 3, 3, 3)}, "norm_conv: expected a square"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_backward_bad_input_gets_a_clear_error(change, message):
+    call = {"grad_y": torch.randn(1, 8, 5, 5), "x": torch.randn(1, 4, 5, 5), "weight": torch.randn(8, 4, 3, 3),
+            "stride": 1, "padding": 1, "scale": None, "shift": None, "relu": True, "y": torch.randn(1, 8, 5, 5),
+            "mean": torch.randn(8), "grad_mean": None, "grad_var": None, "output_mask": [True, True, False]}
+    call.update(change)
+    call = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.resnet_fast_triton.norm_conv_backward(**call)
+
+
+def test_backward_opcheck():
+    shape = (2, 8, 6, 6, 16, 3, 2, 1)
+    x, weight, scale, shift = args(shape, torch.float32, "channels_last", True)
+    y, mean, _var = norm_conv(x, weight, 2, 1, scale, shift, True)
+    torch.library.opcheck(
+        torch.ops.resnet_fast_triton.norm_conv_backward,
+        (torch.randn_like(y), x, weight, 2, 1, scale, shift, True, y, mean, torch.randn_like(mean), None,
+         [True, True, True]),
+        test_utils=("test_schema", "test_faketensor"),
+    )
