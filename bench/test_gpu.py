@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import resnet_fast
 from conftest import compare
+from resnet_fast import _routing
 from resnet_fast.nn import bn_act
 from traffic import Site, passes
 
@@ -183,6 +184,41 @@ def test_gpu_norm_conv_forward(benchmark, shape):
     compare(benchmark, f"GPU norm_conv forward {shape} fp32", x.numel(), synced(ours),
             baselines({"eager (cuDNN + statistics)": synced(eager)},
                       {"torch.compile": lambda: synced(torch.compile(eager))}), pairs=20, rounds=20)
+
+
+def test_gpu_norm_conv_training_cifar(benchmark, monkeypatch):
+    """CIFAR ResNet-20's training step at batch 128 with its basic blocks across the convolutions
+    (RESNET_FAST_NORM_CONV=1: norm_conv forward and backward) against the same model without
+    (the default GPU path: cuDNN's convolutions and the fused BatchNorm), the switch flipped inside
+    each timed call; the two steps' losses checked against each other first. Decides whether the
+    routing may be on by default on GPUs (it is not)."""
+    if "triton" not in resnet_fast.available_backends():
+        pytest.skip("Triton is not available")
+    torch.manual_seed(0)
+    with resnet_fast.use_backend("eager"):
+        ref = resnet_fast.resnet20().cuda().to(memory_format=torch.channels_last)
+    with_nc, without = copy.deepcopy(ref), copy.deepcopy(ref)
+    x = torch.randn(128, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (128,), device="cuda")
+
+    def step(model, on):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+        def run():
+            monkeypatch.setattr(_routing, "NORM_CONV_TRAINING", on)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            torch.cuda.synchronize()
+            return loss.item()
+
+        return run
+
+    first = [step(copy.deepcopy(ref), on)() for on in (True, False)]
+    assert abs(first[0] - first[1]) <= 1e-3 * abs(first[1]), first
+    compare(benchmark, "GPU CIFAR ResNet-20 training b128 fp32, norm_conv blocks", 128, step(with_nc, True),
+            {"resnet_fast without norm_conv": step(without, False)}, pairs=10, rounds=10)
 
 
 @pytest.mark.parametrize("shape", [(256, 64, 56, 56, 64, 3, 1), (256, 256, 56, 56, 64, 1, 1), (256, 128, 28, 28, 128, 3, 2)], ids=str)

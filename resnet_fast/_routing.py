@@ -22,6 +22,9 @@ a training 3x3 convolution               :func:`conv3x3_train_plan` (our op? Win
 a training 1x1 convolution               :func:`conv1x1_recomputes_input`
 a stem / projection in training          :func:`recomputes_conv_output` (keep the input,
                                          recompute the convolution's output)
+a basic block across its convolutions    :func:`norm_conv_block_applies` (GPUs, opt-in:
+                                         ``norm_conv`` with the statistics in the epilogue,
+                                         the BatchNorm in the next one's prologue)
 inference conv + BN                      :func:`conv_bn_inference_plan` (folded: oneDNN
                                          post-ops, Winograd, our 1x1 GEMM, or cuDNN +
                                          epilogue)
@@ -42,6 +45,7 @@ graph break.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -319,6 +323,35 @@ def weight_grad_kernel_applies(in_channels: int, out_channels: int) -> bool:
         and in_channels % 8 == 0
         and in_channels <= WEIGHT_GRAD_MAX_CHANNELS
         and out_channels % 4 == 0
+    )
+
+
+# Issue 18's fusion across the convolution in training, on GPUs: a basic block's two 3x3s by
+# ``norm_conv`` (Triton), each BatchNorm's statistics reduced in its convolution's epilogue and
+# its scale, shift and ReLU applied in the next one's prologue, the backward fused the same way.
+# Off by default until a GPU has measured it faster than cuDNN's convolutions and the fused
+# BatchNorm (bench/test_gpu.py::test_gpu_norm_conv_*; none has yet): RESNET_FAST_NORM_CONV=1
+# turns it on. Read once (torch.compile does not trace the environment).
+NORM_CONV_TRAINING = os.environ.get("RESNET_FAST_NORM_CONV", "0") == "1"
+
+
+def norm_conv_block_applies(block: nn.Module, x: Tensor) -> bool:
+    """Whether a :class:`resnet_fast.nn.BasicBlock` trains through ``norm_conv``
+    (:func:`resnet_fast.nn.functional.norm_conv_basic_block`): NORM_CONV_TRAINING on, the Triton
+    path for x's device (a GPU, or CPU tensors under TRITON_INTERPRET=1), float32 or float64,
+    both BatchNorms in training mode with affine parameters (batch statistics; a frozen or eval
+    BatchNorm keeps the unfused path), the residual nets' 3x3 convolutions, nothing stepping
+    aside (hooks, other module types, a capture)."""
+    if not NORM_CONV_TRAINING or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if impl_for("batch_norm_act", x.device) != "triton":
+        return False
+    convs, bns = (block.conv1, block.conv2), (block.bn1, block.bn2)
+    return (
+        not steps_aside(*convs, *bns)
+        and all(is_conv3x3(c) for c in convs)
+        and block.conv2.stride == (1, 1)
+        and all(bn.training and bn.weight is not None and bn.bias is not None for bn in bns)
     )
 
 

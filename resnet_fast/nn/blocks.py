@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _plan, _routing, ops
-from .functional import ConvInput, conv_bn_act, conv_bn_relu_source, projection_bn
+from .functional import ConvInput, conv_bn_act, conv_bn_relu_source, norm_conv_basic_block, projection_bn
 
 
 class FusedModule(nn.Module):
@@ -161,6 +161,9 @@ class BasicBlock(FusedModule):
     def _forward_fused(self, x: Tensor, input_source: ConvInput | None = None) -> Tensor:
         """``input_source``: how x was made, where the network's forward knows it (the stem's
         output, :func:`resnet_fast.nn.functional.stem_conv_bn_relu_source`)."""
+        if _routing.norm_conv_block_applies(self, x):
+            identity, stride = shortcut_of(self.downsample, x) if self.residual else (None, 1)
+            return norm_conv_basic_block(x, self.conv1, self.bn1, self.conv2, self.bn2, identity, stride)
         out, source = conv_bn_relu_source(x, self.conv1, self.bn1, input_source)
         if not self.residual:
             return conv_bn_act(out, self.conv2, self.bn2, input_source=source)

@@ -290,6 +290,47 @@ def projection_bn(x: Tensor, conv: nn.Module, bn: nn.Module) -> Tensor:
     return _conv_bn_recomputed(x, conv, bn, False)[0]
 
 
+def _batch_scale_shift(bn: nn.Module, mean: Tensor, var: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The scale and shift that normalise with a batch's mean and biased variance (differentiable
+    in them: their gradients reach the convolution that reduced them), with nn.BatchNorm2d's
+    bookkeeping: the running statistics (momentum, momentum=None as a cumulative average, the
+    variance made unbiased) and ``num_batches_tracked``."""
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} in {bn}")
+    momentum, _, track = _step_momentum(bn)
+    if track and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.running_mean.mul_(1 - momentum).add_(mean.detach().to(bn.running_mean.dtype), alpha=momentum)
+            unbiased = var.detach().to(bn.running_var.dtype) * (count / (count - 1))
+            bn.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+    scale = bn.weight * torch.rsqrt(var.to(bn.weight.dtype) + bn.eps)
+    return scale, bn.bias - mean.to(bn.weight.dtype) * scale
+
+
+def norm_conv_basic_block(
+    x: Tensor, conv1: nn.Module, bn1: nn.Module, conv2: nn.Module, bn2: nn.Module,
+    residual: Tensor | None, residual_stride: int = 1,
+) -> Tensor:
+    """A basic block in training, ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``, across its
+    convolutions (issue 18, GPUs; where :func:`resnet_fast._routing.norm_conv_block_applies`):
+    conv1 reduces its output to bn1's batch statistics in its epilogue; conv2 applies bn1's scale,
+    shift and ReLU to that output as it loads it (the normalised activation is never written) and
+    reduces bn2's statistics; one elementwise pass applies bn2 with the residual and ReLU. The
+    backward keeps x, the two convolutions' outputs and the block's output, and recomputes the
+    normalised activation inside conv2's fused backward. ``residual``: as for :func:`bn_act` (a
+    stride or fewer channels: the option-A shortcut)."""
+    y1, mean1, var1 = ops.norm_conv(x, conv1.weight, conv1.stride[0], 1)
+    scale1, shift1 = _batch_scale_shift(bn1, mean1, var1, y1.numel() // max(y1.shape[1], 1))
+    y2, mean2, var2 = ops.norm_conv(y1, conv2.weight, 1, 1, scale1, shift1, True)
+    scale2, shift2 = _batch_scale_shift(bn2, mean2, var2, y2.numel() // max(y2.shape[1], 1))
+    out = torch.addcmul(shift2.to(y2.dtype).view(1, -1, 1, 1), y2, scale2.to(y2.dtype).view(1, -1, 1, 1))
+    if residual is not None:
+        if residual_stride != 1 or residual.shape[1] != out.shape[1]:
+            residual = ops.zero_pad_shortcut(residual, out.shape[1], residual_stride)
+        out = out + residual
+    return torch.relu(out)
+
+
 def conv_bn_relu_source(
     x: Tensor, conv: nn.Module, bn: nn.Module, input_source: ConvInput | None = None
 ) -> tuple[Tensor, ConvInput | None]:
