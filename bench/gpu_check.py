@@ -54,10 +54,10 @@ TEST_GROUPS = [
     ("cuda kernels", ["tests/ops", "-k", "cuda"], 25, {}),
     ("triton kernels", ["tests/ops", "-k", "triton"], 40, {}),
     # (norm_conv's forward and fused backward in float32, one layout, the prologue and ReLU on,
-    # and the basic blocks through it: each constexpr variant of a kernel is a compilation, about
+    # and the blocks through it: each constexpr variant of a kernel is a compilation, about
     # 25 here; the box is a guess until a GPU has run it.)
     ("norm_conv (Triton)", ["tests/ops/test_norm_conv.py", "tests/models/test_norm_conv_training.py", "-k",
-                            "fp32 and channels_last and scale-shift and relu and not no-relu or block or compile"], 20, {}),
+                            "fp32 and channels_last and scale-shift and relu and not no-relu or block or bottleneck or compile"], 20, {}),
     ("networks on the GPU", ["tests/models/test_gpu_backends.py"], 35, {}),
     ("backend and build", ["tests/test_backend.py", "tests/test_build.py"], 20, {}),  # (5 fresh interpreters)
 ]

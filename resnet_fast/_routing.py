@@ -22,7 +22,7 @@ a training 3x3 convolution               :func:`conv3x3_train_plan` (our op? Win
 a training 1x1 convolution               :func:`conv1x1_recomputes_input`
 a stem / projection in training          :func:`recomputes_conv_output` (keep the input,
                                          recompute the convolution's output)
-a basic block across its convolutions    :func:`norm_conv_block_applies` (GPUs, opt-in:
+a block across its convolutions          :func:`norm_conv_block_applies` (GPUs, opt-in:
                                          ``norm_conv`` with the statistics in the epilogue,
                                          the BatchNorm in the next one's prologue)
 inference conv + BN                      :func:`conv_bn_inference_plan` (folded: oneDNN
@@ -326,8 +326,8 @@ def weight_grad_kernel_applies(in_channels: int, out_channels: int) -> bool:
     )
 
 
-# Issue 18's fusion across the convolution in training, on GPUs: a basic block's two 3x3s by
-# ``norm_conv`` (Triton), each BatchNorm's statistics reduced in its convolution's epilogue and
+# Issue 18's fusion across the convolution in training, on GPUs: a residual block's convolutions
+# by ``norm_conv`` (Triton), each BatchNorm's statistics reduced in its convolution's epilogue and
 # its scale, shift and ReLU applied in the next one's prologue, the backward fused the same way.
 # Off by default until a GPU has measured it faster than cuDNN's convolutions and the fused
 # BatchNorm (bench/test_gpu.py::test_gpu_norm_conv_*; none has yet): RESNET_FAST_NORM_CONV=1
@@ -335,22 +335,43 @@ def weight_grad_kernel_applies(in_channels: int, out_channels: int) -> bool:
 NORM_CONV_TRAINING = os.environ.get("RESNET_FAST_NORM_CONV", "0") == "1"
 
 
+def _norm_conv_conv(conv: nn.Module) -> bool:
+    """A residual net's convolution that norm_conv runs: no bias, one group, dilation 1, a square
+    kernel with padding kernel // 2 (the 1x1s: 0; the 3x3s: 1), the same stride both ways."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and conv.kernel_size in ((1, 1), (3, 3))
+        and conv.padding == (conv.kernel_size[0] // 2,) * 2
+        and conv.stride[0] == conv.stride[1]
+    )
+
+
+def norm_conv_convs(block: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """A residual block's convolutions and BatchNorms in order: (conv1, conv2) and (bn1, bn2) in a
+    basic block, with conv3 and bn3 in a bottleneck."""
+    n = 3 if hasattr(block, "conv3") else 2
+    return [getattr(block, f"conv{i}") for i in range(1, n + 1)], [getattr(block, f"bn{i}") for i in range(1, n + 1)]
+
+
 def norm_conv_block_applies(block: nn.Module, x: Tensor) -> bool:
-    """Whether a :class:`resnet_fast.nn.BasicBlock` trains through ``norm_conv``
-    (:func:`resnet_fast.nn.functional.norm_conv_basic_block`): NORM_CONV_TRAINING on, the Triton
-    path for x's device (a GPU, or CPU tensors under TRITON_INTERPRET=1), float32 or float64,
-    both BatchNorms in training mode with affine parameters (batch statistics; a frozen or eval
-    BatchNorm keeps the unfused path), the residual nets' 3x3 convolutions, nothing stepping
-    aside (hooks, other module types, a capture)."""
+    """Whether a residual block (:class:`resnet_fast.nn.BasicBlock`, :class:`resnet_fast.nn.Bottleneck`)
+    trains through ``norm_conv`` (:func:`resnet_fast.nn.functional.norm_conv_block`):
+    NORM_CONV_TRAINING on, the Triton path for x's device (a GPU, or CPU tensors under
+    TRITON_INTERPRET=1), float32 or float64, every BatchNorm in training mode with affine
+    parameters (batch statistics; a frozen or eval BatchNorm keeps the unfused path), the residual
+    nets' 1x1 and 3x3 convolutions, nothing stepping aside (hooks, other module types, a capture)."""
     if not NORM_CONV_TRAINING or x.dim() != 4 or x.dtype not in (torch.float32, torch.float64):
         return False
     if impl_for("batch_norm_act", x.device) != "triton":
         return False
-    convs, bns = (block.conv1, block.conv2), (block.bn1, block.bn2)
+    convs, bns = norm_conv_convs(block)
     return (
         not steps_aside(*convs, *bns)
-        and all(is_conv3x3(c) for c in convs)
-        and block.conv2.stride == (1, 1)
+        and all(_norm_conv_conv(c) for c in convs)
         and all(bn.training and bn.weight is not None and bn.bias is not None for bn in bns)
     )
 

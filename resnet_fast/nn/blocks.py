@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _plan, _routing, ops
-from .functional import ConvInput, conv_bn_act, conv_bn_relu_source, norm_conv_basic_block, projection_bn
+from .functional import ConvInput, conv_bn_act, conv_bn_relu_source, norm_conv_block, projection_bn
 
 
 class FusedModule(nn.Module):
@@ -163,7 +163,7 @@ class BasicBlock(FusedModule):
         output, :func:`resnet_fast.nn.functional.stem_conv_bn_relu_source`)."""
         if _routing.norm_conv_block_applies(self, x):
             identity, stride = shortcut_of(self.downsample, x) if self.residual else (None, 1)
-            return norm_conv_basic_block(x, self.conv1, self.bn1, self.conv2, self.bn2, identity, stride)
+            return norm_conv_block(x, *_routing.norm_conv_convs(self), identity, stride)
         out, source = conv_bn_relu_source(x, self.conv1, self.bn1, input_source)
         if not self.residual:
             return conv_bn_act(out, self.conv2, self.bn2, input_source=source)
@@ -227,6 +227,9 @@ class Bottleneck(FusedModule):
         self.residual = residual
 
     def _forward_fused(self, x: Tensor) -> Tensor:
+        if _routing.norm_conv_block_applies(self, x):
+            identity, stride = shortcut_of(self.downsample, x) if self.residual else (None, 1)
+            return norm_conv_block(x, *_routing.norm_conv_convs(self), identity, stride)
         out, source = conv_bn_relu_source(x, self.conv1, self.bn1)
         out, source = conv_bn_relu_source(out, self.conv2, self.bn2, source)
         if not self.residual:

@@ -307,23 +307,23 @@ def _batch_scale_shift(bn: nn.Module, mean: Tensor, var: Tensor, count: int) -> 
     return scale, bn.bias - mean.to(bn.weight.dtype) * scale
 
 
-def norm_conv_basic_block(
-    x: Tensor, conv1: nn.Module, bn1: nn.Module, conv2: nn.Module, bn2: nn.Module,
-    residual: Tensor | None, residual_stride: int = 1,
+def norm_conv_block(
+    x: Tensor, convs: list[nn.Module], bns: list[nn.Module], residual: Tensor | None, residual_stride: int = 1
 ) -> Tensor:
-    """A basic block in training, ``relu(bn2(conv2(relu(bn1(conv1(x))))) + residual)``, across its
-    convolutions (issue 18, GPUs; where :func:`resnet_fast._routing.norm_conv_block_applies`):
-    conv1 reduces its output to bn1's batch statistics in its epilogue; conv2 applies bn1's scale,
-    shift and ReLU to that output as it loads it (the normalised activation is never written) and
-    reduces bn2's statistics; one elementwise pass applies bn2 with the residual and ReLU. The
-    backward keeps x, the two convolutions' outputs and the block's output, and recomputes the
-    normalised activation inside conv2's fused backward. ``residual``: as for :func:`bn_act` (a
-    stride or fewer channels: the option-A shortcut)."""
-    y1, mean1, var1 = ops.norm_conv(x, conv1.weight, conv1.stride[0], 1)
-    scale1, shift1 = _batch_scale_shift(bn1, mean1, var1, y1.numel() // max(y1.shape[1], 1))
-    y2, mean2, var2 = ops.norm_conv(y1, conv2.weight, 1, 1, scale1, shift1, True)
-    scale2, shift2 = _batch_scale_shift(bn2, mean2, var2, y2.numel() // max(y2.shape[1], 1))
-    out = torch.addcmul(shift2.to(y2.dtype).view(1, -1, 1, 1), y2, scale2.to(y2.dtype).view(1, -1, 1, 1))
+    """A residual block in training, ``relu(bnN(convN(...relu(bn1(conv1(x)))...)) + residual)``
+    (a basic block's two convolutions, a bottleneck's three), across its convolutions (issue 18,
+    GPUs; where :func:`resnet_fast._routing.norm_conv_block_applies`): each convolution reduces
+    its output to its BatchNorm's batch statistics in its epilogue, and the next applies that
+    BatchNorm's scale, shift and ReLU to it as it loads it (the normalised activations are never
+    written); one elementwise pass applies the last BatchNorm with the residual and ReLU. The
+    backward keeps x, each convolution's output and the block's output, and recomputes the
+    normalised activations inside the convolutions' fused backward. ``residual``: as for
+    :func:`bn_act` (a stride or fewer channels: the option-A shortcut)."""
+    y, scale, shift = x, None, None
+    for conv, bn in zip(convs, bns):
+        y, mean, var = ops.norm_conv(y, conv.weight, conv.stride[0], conv.padding[0], scale, shift, scale is not None)
+        scale, shift = _batch_scale_shift(bn, mean, var, y.numel() // max(y.shape[1], 1))
+    out = torch.addcmul(shift.to(y.dtype).view(1, -1, 1, 1), y, scale.to(y.dtype).view(1, -1, 1, 1))
     if residual is not None:
         if residual_stride != 1 or residual.shape[1] != out.shape[1]:
             residual = ops.zero_pad_shortcut(residual, out.shape[1], residual_stride)

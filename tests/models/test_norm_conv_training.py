@@ -1,8 +1,9 @@
-"""Training across the convolution (issue 18, GPUs; opt-in: RESNET_FAST_NORM_CONV=1): a basic
-block through norm_conv, each BatchNorm's statistics in its convolution's epilogue and its scale,
+"""Training across the convolution (issue 18, GPUs; opt-in: RESNET_FAST_NORM_CONV=1): basic and
+bottleneck blocks through norm_conv, each BatchNorm's statistics in its convolution's epilogue and its scale,
 shift and ReLU in the next one's prologue, against the eager backend with the same weights: the
 output, every gradient, the running statistics and num_batches_tracked, in float64 to rounding;
-momentum=None; option-A, projection and plain blocks; a whole CIFAR ResNet-20 step; and where it
+momentum=None; option-A, projection and plain blocks; bottlenecks with the stride on either
+convolution; a whole CIFAR ResNet-20 step; and where it
 steps aside (eval mode, frozen BatchNorm, hooks, switched off). Without a GPU the kernels run in
 Triton's interpreter (tests/conftest.py)."""
 
@@ -14,7 +15,7 @@ from torch import nn
 
 import resnet_fast
 from resnet_fast import _backend, _routing, ops
-from resnet_fast.nn import BasicBlock, ZeroPadShortcut
+from resnet_fast.nn import BasicBlock, Bottleneck, ZeroPadShortcut
 from resnet_fast.nn import functional as RF
 
 pytestmark = pytest.mark.skipif(not _backend.triton_available(), reason=f"Triton cannot run: {_backend.triton_error()}")
@@ -78,6 +79,22 @@ def test_basic_block_step_matches_eager(norm_conv_on, kind):
     x = torch.randn(2, inplanes, 6, 6, device=DEVICE, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     assert_steps_match(block, x)
     assert len(norm_conv_on) == 2  # (the triton run's two convolutions; eager's ran its formula)
+
+
+@pytest.mark.parametrize("kind", ["identity", "stride on the 3x3", "stride on the 1x1", "plain"])
+def test_bottleneck_step_matches_eager(norm_conv_on, kind):
+    """A bottleneck's three convolutions (1x1, 3x3, 1x1: two prologues), torchvision's stride on
+    the 3x3 and the paper's on the first 1x1, a projection shortcut where the shape changes."""
+    strided = kind.startswith("stride")
+    inplanes, planes = (16, 4) if not strided else (8, 4)
+    downsample = None
+    if strided:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+    block = randomised(Bottleneck(inplanes, planes, 2 if strided else 1, downsample, residual=kind != "plain",
+                                  stride_in_1x1=kind == "stride on the 1x1"))
+    x = torch.randn(2, inplanes, 5, 5, device=DEVICE, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert_steps_match(block, x)
+    assert [tuple(s[2:]) for s in norm_conv_on] == [(1, 1), (3, 3), (1, 1)]
 
 
 def test_momentum_none_over_two_steps(norm_conv_on):
