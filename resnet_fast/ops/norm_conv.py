@@ -5,9 +5,11 @@ is written nor the output read again for its statistics.
 
 Formula: :func:`resnet_fast.ops.reference.norm_conv`. Kernel: ``resnet_fast/triton/norm_conv.py``
 (Triton only; under ``TRITON_INTERPRET=1`` on CPU tensors, which is how it is tested here). Schema
-and argument check: ``csrc/ops.cpp``, ``csrc/checks.cpp``. Not routed: no model calls it until a GPU
-has measured it faster than cuDNN's convolution followed by the statistics pass
-(``bench/test_gpu.py::test_gpu_norm_conv_forward`` and ``..._backward``).
+and argument check: ``csrc/ops.cpp``, ``csrc/checks.cpp``. Routing: the residual blocks train
+through it (:func:`resnet_fast.nn.functional.norm_conv_block`) only where
+``RESNET_FAST_NORM_CONV=1`` (:func:`resnet_fast._routing.norm_conv_block_applies`), off by default
+until a GPU has measured it faster than cuDNN's convolutions and the fused BatchNorm
+(``bench/test_gpu.py::test_gpu_norm_conv_*``).
 
 Autograd (:func:`register_autograd`): the fused backward, ``norm_conv_backward`` (the same
 kernel file: the statistics' gradients folded into y's as it is loaded, the data gradient with the

@@ -26,9 +26,9 @@ mean and variance):
   does; the slices' partials are summed in order.
 
 So the backward reads x, y, grad_y and the weight, writes the gradients, and neither the
-normalised activation nor the folded gradient is ever in memory. Not routed yet: it is on by
-default nowhere until a GPU has measured it against cuDNN's convolution (forward and backward)
-and the statistics passes (bench/test_gpu.py). Float32 products follow
+normalised activation nor the folded gradient is ever in memory. On by default nowhere (the
+residual blocks take it with ``RESNET_FAST_NORM_CONV=1``) until a GPU has measured it against
+cuDNN's convolutions (forward and backward) and the statistics passes (bench/test_gpu.py). Float32 products follow
 ``torch.backends.cudnn.allow_tf32``, as PyTorch's convolutions on GPUs do.
 """
 
