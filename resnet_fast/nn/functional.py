@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _memory, _routing, ops
+from ..ops.batch_norm_act import check_batch_stats_shape, update_running_stats
 
 
 def _unfused_bn_act(x: Tensor, bn: nn.Module, residual: Tensor | None, relu: bool, residual_stride: int) -> Tensor:
@@ -295,14 +296,11 @@ def _batch_scale_shift(bn: nn.Module, mean: Tensor, var: Tensor, count: int) -> 
     in them: their gradients reach the convolution that reduced them), with nn.BatchNorm2d's
     bookkeeping: the running statistics (momentum, momentum=None as a cumulative average, the
     variance made unbiased) and ``num_batches_tracked``."""
-    if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {count} in {bn}")
     momentum, _, track = _step_momentum(bn)
-    if track and bn.running_mean is not None:
-        with torch.no_grad():
-            bn.running_mean.mul_(1 - momentum).add_(mean.detach().to(bn.running_mean.dtype), alpha=momentum)
-            unbiased = var.detach().to(bn.running_var.dtype) * (count / (count - 1))
-            bn.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+    if track:
+        update_running_stats(
+            "triton", bn.running_mean, bn.running_var, mean.detach(), var.detach(), momentum, count
+        )
     scale = bn.weight * torch.rsqrt(var.to(bn.weight.dtype) + bn.eps)
     return scale, bn.bias - mean.to(bn.weight.dtype) * scale
 
@@ -322,6 +320,7 @@ def norm_conv_block(
     y, scale, shift = x, None, None
     for conv, bn in zip(convs, bns):
         y, mean, var = ops.norm_conv(y, conv.weight, conv.stride[0], conv.padding[0], scale, shift, scale is not None)
+        check_batch_stats_shape(y.shape)
         scale, shift = _batch_scale_shift(bn, mean, var, y.numel() // max(y.shape[1], 1))
     out = torch.addcmul(shift.to(y.dtype).view(1, -1, 1, 1), y, scale.to(y.dtype).view(1, -1, 1, 1))
     if residual is not None:

@@ -44,6 +44,23 @@ from .batch_norm_act import _stats_finalize_kernel
 
 
 @triton.jit
+def _load_normalised(x_ptr, pixel, c, sC, inside, cmask, scale_ptr, shift_ptr, acc_t: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, RELU: tl.constexpr):
+    """The prologue, shared by the forward and the weight gradient (which recomputes it): the
+    input tile at ``pixel`` (rows) by channels ``c``, ``[relu](x * scale[c] + shift[c])``, zero
+    outside the map (the padding is the normalised activation's)."""
+    amask = inside[:, None] & cmask[None, :]
+    a = tl.load(x_ptr + pixel[:, None] + (c * sC)[None, :], mask=amask, other=0.0).to(acc_t)
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(acc_t)
+        sh = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(acc_t)
+        a = tl.where(amask, a * sc[None, :] + sh[None, :], 0.0)
+    if RELU:
+        a = tl.maximum(a, 0.0)
+    return a
+
+
+@triton.jit
 def _norm_conv_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, y_ptr, pmean_ptr, pm2_ptr,
     M, C, H, W, K, OHW, OW, sN, sC, sH, sW, wsK, wsC, wsR, wsS, ysN, ysK, ysH, ysW, stride, padding,
@@ -70,14 +87,8 @@ def _norm_conv_kernel(
             for c0 in range(0, C, BLOCK_K):
                 c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
                 cmask = c < C
-                amask = inside[:, None] & cmask[None, :]
-                a = tl.load(x_ptr + pixel[:, None] + (c * sC)[None, :], mask=amask, other=0.0).to(acc_t)
-                if HAS_SCALE:  # the prologue: the previous BatchNorm, as the input arrives
-                    sc = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(acc_t)
-                    sh = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(acc_t)
-                    a = tl.where(amask, a * sc[None, :] + sh[None, :], 0.0)  # (the padding stays 0)
-                if RELU:
-                    a = tl.maximum(a, 0.0)
+                # The prologue: the previous BatchNorm, as the input arrives.
+                a = _load_normalised(x_ptr, pixel, c, sC, inside, cmask, scale_ptr, shift_ptr, acc_t, HAS_SCALE, RELU)
                 b = tl.load(
                     w_ptr + (k * wsK)[None, :] + (c * wsC)[:, None] + r * wsR + s * wsS,
                     mask=cmask[:, None] & kmask[None, :], other=0.0,
@@ -192,9 +203,6 @@ def _norm_conv_wgrad_kernel(
     if FOLD:
         c0 = tl.load(c0_ptr + k, mask=kmask, other=0.0).to(acc_t)
         c1 = tl.load(c1_ptr + k, mask=kmask, other=0.0).to(acc_t)
-    if HAS_SCALE:
-        sc = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(acc_t)
-        sh = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(acc_t)
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_t)
     start = split.to(tl.int64) * CHUNK
     end = tl.minimum(start + CHUNK, M)
@@ -218,13 +226,9 @@ def _norm_conv_wgrad_kernel(
         ih = oh * stride - padding + r
         iw = ow * stride - padding + s
         inside = mmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        amask = inside[:, None] & cmask[None, :]
-        a = tl.load(x_ptr + (n * sN + ih * sH + iw * sW)[:, None] + (c * sC)[None, :], mask=amask,
-                    other=0.0).to(acc_t)
-        if HAS_SCALE:  # the forward's prologue, recomputed
-            a = tl.where(amask, a * sc[None, :] + sh[None, :], 0.0)
-        if RELU:
-            a = tl.maximum(a, 0.0)
+        # The forward's prologue, recomputed.
+        a = _load_normalised(x_ptr, n * sN + ih * sH + iw * sW, c, sC, inside, cmask, scale_ptr, shift_ptr, acc_t,
+                             HAS_SCALE, RELU)
         acc = tl.dot(gt, a, acc, input_precision=PRECISION)
     out = pw_ptr + split.to(tl.int64) * (K * C * R * R) + (k * (C * R * R))[:, None] + (c * (R * R))[None, :] + tap
     tl.store(out, acc, mask=kmask[:, None] & cmask[None, :])

@@ -76,12 +76,16 @@ def test_against_formula(shape, dtype, layout, prologue, relu):
     check_against_formula(shape, dtype, layout, prologue, relu)
 
 
-@settings(max_examples=15, deadline=None)
-@given(
+# The fuzz tests' cases (forward and backward): a convolution's shape, its prologue and ReLU.
+FUZZ = dict(
     n=st.integers(1, 3), c=st.integers(1, 20), size=st.integers(1, 9), k=st.integers(1, 40),
     r=st.sampled_from([1, 3, 5]), stride=st.integers(1, 3), pad=st.integers(0, 2),
     prologue=st.booleans(), relu=st.booleans(),
 )
+
+
+@settings(max_examples=15, deadline=None)
+@given(**FUZZ)
 def test_fuzz_against_formula_in_float64(n, c, size, k, r, stride, pad, prologue, relu):
     pad = min(pad, r - 1)
     size = max(size, r - 2 * pad)  # (the padded input holds at least one window)
@@ -306,11 +310,7 @@ def test_backward_with_some_gradients_none(with_grad_y, with_stats):
 
 
 @settings(max_examples=15, deadline=None)
-@given(
-    n=st.integers(1, 3), c=st.integers(1, 20), size=st.integers(1, 9), k=st.integers(1, 40),
-    r=st.sampled_from([1, 3, 5]), stride=st.integers(1, 3), pad=st.integers(0, 2),
-    prologue=st.booleans(), relu=st.booleans(),
-)
+@given(**FUZZ)
 def test_fuzz_backward_in_float64(n, c, size, k, r, stride, pad, prologue, relu):
     pad = min(pad, r - 1)
     size = max(size, r - 2 * pad)
