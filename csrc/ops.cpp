@@ -121,7 +121,11 @@ TORCH_LIBRARY(resnet_fast, m) {
   // Inference: relu(conv3x3(x, weight) + bias + residual), stride 1, padding 1, by Winograd
   // F(2x2, 3x3) with the weight given transformed, (16, C, K), by winograd_weight (in float64,
   // rounded once to float32). CPU, float32 only.
-  m.def("conv3x3_bias_act(Tensor x, Tensor weight_winograd, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+  // tiles: the 16 products by our register tiles (AVX-512's where the CPU has it), else by MKL's
+  // sgemm (at::bmm), as resnet_fast._routing decides.
+  m.def(
+      "conv3x3_bias_act(Tensor x, Tensor weight_winograd, Tensor bias, Tensor? residual, bool relu, "
+      "bool tiles=False) -> Tensor");
   m.def("winograd_weight(Tensor weight) -> Tensor");
   // Inference: relu(conv2d(x, weight, stride, padding) + bias + residual), square kernels, as one
   // matrix product with the weight given packed, (ceil(K / 16), kernel^2 * C, 16) float32, by

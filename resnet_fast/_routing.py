@@ -251,6 +251,30 @@ GEMM_APPLIES = CPU_CAPABILITY == "AVX2"
 GEMM_AVX512_MAX_PIXELS = 784
 
 
+# Winograd's 16 products (tiles x C times C x K each) by our GEMM's register tiles (gemm_rows in
+# csrc/cpu/conv_gemm.cpp) instead of MKL's sgemm (at::bmm), where the CPU has AVX-512 and both
+# channel counts are at least this (and K a multiple of 16). MKL takes its AVX2 path on AMD's
+# CPUs: on the Zen 4 (one thread) at::bmm ran those products at 50-75 GFLOP/s, the AVX-512 tiles
+# at 83-96 with 64 channels or more, but at 26-54 with 16 or 32 (a 64-wide tile mostly empty).
+# Interleaved whole forwards with them against without (Zen 4, 2 cores, 2026-12-03): ResNet-50
+# b1 1.063x, b8 1.035x; ResNet-18 b1 1.139x; ResNet-56 b128 1.082x. Their sums are blocked by 64
+# channels, so their error against float64 is 0.99-1.17x the direct convolution's (MKL's: 1.2-1.6x).
+# Not measured on an Intel CPU, where MKL runs its AVX-512 sgemm.
+WINOGRAD_TILES_MIN_CHANNELS = 64
+WINOGRAD_TILES = _AVX512
+
+
+def winograd_tiles(in_channels: int, out_channels: int) -> bool:
+    """Whether conv3x3_bias_act runs its 16 products by our register tiles (see
+    WINOGRAD_TILES_MIN_CHANNELS) rather than at::bmm."""
+    return (
+        WINOGRAD_TILES
+        and in_channels >= WINOGRAD_TILES_MIN_CHANNELS
+        and out_channels >= WINOGRAD_TILES_MIN_CHANNELS
+        and out_channels % 16 == 0
+    )
+
+
 def gemm_wide_tiles() -> bool:
     """Whether ``conv_bias_act`` runs its AVX-512 register tiles (6 pixels x 64 channels: each
     input value loaded serves four 16-lane FMAs) rather than AVX2's (6 x 16): where the CPU has

@@ -308,7 +308,8 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
   TORCH_CHECK(stride == 1 || stride == 2, "conv3x3_train: expected stride 1 or 2, got ", stride);
   if (winograd) {  // the weight transformed at each call: it changes at every step
     TORCH_CHECK(stride == 1, "conv3x3_train: Winograd F(2x2, 3x3) runs stride 1 only, got stride ", stride);
-    return winograd_conv3x3(x, winograd_weight(weight), at::zeros({weight.size(0)}, x.options()), std::nullopt, false);
+    return winograd_conv3x3(x, winograd_weight(weight), at::zeros({weight.size(0)}, x.options()), std::nullopt, false,
+                            false);
   }
   return at::convolution(x, weight, std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false, {0, 0}, 1);
 }

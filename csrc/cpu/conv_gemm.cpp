@@ -38,6 +38,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/conv_gemm.h"
 #include "cpu/isa.h"
 
 namespace resnet_fast {
@@ -58,6 +59,11 @@ constexpr int64_t KC = 256;                    // input channels per slice: a pa
 constexpr int64_t BLOCK_BYTES = 192 * 1024;    // a pixel block's input rows of one slice, to stay in L2
 constexpr int64_t MAX_BLOCK = 40 * MAX_ROWS;   // pixels per block at most
 constexpr int64_t MAX_TAPS = 16;               // taps of a slice at most
+// gemm_rows' depth per slice. Winograd's products in float32 sum C terms whose rounding the output
+// transform amplifies: with one 256-deep slice their error against float64 was 2.0-2.5x the direct
+// convolution's at 256-512 channels (MKL's sgemm: 1.5x); with slices of 64 (blocked sums) 0.99-1.17x
+// (Zen 4, 2026-12-03; bench/winograd_accuracy.py).
+constexpr int64_t ROWS_KC = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -164,18 +170,51 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
               const float* const* ap = a.data() + (m - m0) / MAX_ROWS * tile_ptrs;
 #ifdef RESNET_FAST_AVX2
               if (wide) {
-                cpu_avx512::any_tile_wide(rows, np, ap, segs, panel, taps * C * PANEL, d, bp + j * PANEL,
+                cpu_avx512::any_tile_wide(rows, np, ap, segs, panel, taps * C * PANEL, PANEL, d, bp + j * PANEL,
                                           rp ? r : nullptr, o, n, relu, first, last);
                 continue;
               }
 #endif
-              RF_ISA(any_tile)(rows, ap, segs, panel, d, bp + j * PANEL, rp ? r : nullptr, o, n, relu, first, last);
+              RF_ISA(any_tile)(rows, ap, segs, panel, PANEL, d, bp + j * PANEL, rp ? r : nullptr, o, n, relu, first, last);
             }
           }
         }
     }
   });
   return y;
+}
+
+void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+               int64_t depth, int64_t K, const float* zeros, bool wide) {
+  TORCH_INTERNAL_ASSERT(K % PANEL == 0 && (!wide || use_avx512()));
+  // Depth in slices of ROWS_KC (b's slice of a panel group stays in L1 while it runs down the
+  // rows; the sums are blocked by slice), each slice over the panel groups, each group over the
+  // rows' tiles; partial sums wait in c.
+  const int64_t panels = K / PANEL, step = wide ? WIDE_PANELS : 1;
+  for (int64_t d0 = 0; d0 < depth || d0 == 0; d0 += ROWS_KC) {
+    const int64_t d = std::min(ROWS_KC, depth - d0);
+    const bool first = d0 == 0, last = d0 + ROWS_KC >= depth;
+    for (int64_t j = 0; j < panels; j += step) {
+      const int np = static_cast<int>(std::min(step, panels - j));
+      const float* panel = b + d0 * ldb + j * PANEL;
+      for (int64_t m = 0; m < rows; m += MAX_ROWS) {
+        const int n = static_cast<int>(std::min<int64_t>(MAX_ROWS, rows - m));
+        const float* ap[MAX_ROWS];
+        float* o[MAX_ROWS];
+        for (int i = 0; i < n; ++i) {
+          ap[i] = a + (m + i) * lda + d0;
+          o[i] = c + (m + i) * ldc + j * PANEL;
+        }
+#ifdef RESNET_FAST_AVX2
+        if (wide) {
+          cpu_avx512::any_tile_wide(n, np, ap, 1, panel, PANEL, ldb, d, zeros, nullptr, o, PANEL, false, first, last);
+          continue;
+        }
+#endif
+        RF_ISA(any_tile)(n, ap, 1, panel, ldb, d, zeros, nullptr, o, PANEL, false, first, last);
+      }
+    }
+  }
 }
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) { m.impl("conv_bias_act", &conv_bias_act); }

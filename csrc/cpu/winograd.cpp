@@ -7,8 +7,9 @@
 //
 // Each 2x2 output tile t comes from a 4x4 input tile d: Y = A^T [ (G g G^T) . (B^T d B) ] A,
 // so a convolution becomes, per tile block, an input transform V[xi][t][c] (xi: the 16 positions
-// of the 4x4 transform), 16 matrix products M[xi] = V[xi] U[xi] (tiles x C times C x K: at::bmm,
-// oneDNN/MKL's sgemm) and an output transform with the epilogue. 2.25x fewer multiplications
+// of the 4x4 transform), 16 matrix products M[xi] = V[xi] U[xi] (tiles x C times C x K: our
+// register tiles, gemm_rows of conv_gemm.cpp, where the caller asks (`tiles`), else at::bmm,
+// MKL's sgemm) and an output transform with the epilogue. 2.25x fewer multiplications
 // than the direct convolution; the transforms are a few additions per value. On this 2-core AVX2
 // machine (no oneDNN Winograd without AVX-512) ResNet-50's stride-1 3x3 convolutions at batch 8
 // took 6.3-7.3 ms against oneDNN's 9.3-9.5 (1.3-1.7x), as accurate or more (float32, against float64).
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "cpu/winograd.h"
+#include "cpu/conv_gemm.h"
 #include "cpu/isa.h"
 
 namespace resnet_fast {
@@ -87,7 +89,7 @@ void output_tiles(const Plan& p, int64_t t0, int64_t cnt, const float* M, int64_
 }  // namespace
 
 at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
-                            const std::optional<at::Tensor>& residual, bool relu) {
+                            const std::optional<at::Tensor>& residual, bool relu, bool tiles) {
   TORCH_CHECK(x.dim() == 4, "conv3x3_bias_act: expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight_winograd.scalar_type() == at::kFloat &&
                   bias.scalar_type() == at::kFloat,
@@ -112,6 +114,12 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
   if (y.numel() == 0) return y;
   const at::Tensor xc = x.contiguous(cl), U = weight_winograd.contiguous(), b = bias.contiguous();
   const at::Tensor zeros = at::zeros({std::max(C, K)}, x.options());
+  // The products by our register tiles (conv_gemm.cpp) where asked, the widest this CPU has, on
+  // U's (C, K) planes as they are; else at::bmm (MKL's sgemm).
+  const bool ours = tiles && K % 16 == 0;
+  const bool wide = use_avx512();
+  const float* u = U.const_data_ptr<float>();
+  const float* zp = zeros.const_data_ptr<float>();
   const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
   const Plan p{N, C, H, W, K, TH, TW, xc.const_data_ptr<float>(), b.const_data_ptr<float>(),
                res.defined() ? res.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(),
@@ -129,8 +137,20 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
       at::parallel_for(0, cnt, 16, [&](int64_t q0, int64_t q1) {
         input_tiles(p, c0 + q0, q1 - q0, v + q0 * C, V.stride(0));
       });
-      at::Tensor Mv = M.narrow(1, 0, cnt);
-      at::bmm_out(Mv, V.narrow(1, 0, cnt), U);
+      if (ours) {  // items of (plane, 64 output channels), the tiles' widest
+        const int64_t groups = (K + 63) / 64;
+        float* mp = M.mutable_data_ptr<float>();
+        at::parallel_for(0, 16 * groups, 1, [&](int64_t i0, int64_t i1) {
+          for (int64_t item = i0; item < i1; ++item) {
+            const int64_t xi = item / groups, k0 = item % groups * 64, kn = std::min<int64_t>(64, K - k0);
+            gemm_rows(v + xi * V.stride(0), C, u + xi * C * K + k0, K, mp + xi * rows * K + k0, K, cnt, C, kn, zp,
+                      wide);
+          }
+        });
+      } else {
+        at::Tensor Mv = M.narrow(1, 0, cnt);
+        at::bmm_out(Mv, V.narrow(1, 0, cnt), U);
+      }
       at::parallel_for(0, cnt, 16, [&](int64_t q0, int64_t q1) {
         std::vector<float> scratch(K);
         output_tiles(p, c0 + q0, q1 - q0, m + q0 * K, rows * K, scratch.data());
@@ -151,8 +171,14 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t t0 = blk * block, cnt = std::min(block, T - t0);
       input_tiles(p, t0, cnt, V.mutable_data_ptr<float>(), V.stride(0));
-      at::Tensor Mv = M.narrow(1, 0, cnt);
-      at::bmm_out(Mv, V.narrow(1, 0, cnt), U);  // single-threaded inside a parallel region
+      if (ours) {
+        for (int64_t xi = 0; xi < 16; ++xi)
+          gemm_rows(V.const_data_ptr<float>() + xi * V.stride(0), C, u + xi * C * K, K,
+                    M.mutable_data_ptr<float>() + xi * block * K, K, cnt, C, K, zp, wide);
+      } else {
+        at::Tensor Mv = M.narrow(1, 0, cnt);
+        at::bmm_out(Mv, V.narrow(1, 0, cnt), U);  // single-threaded inside a parallel region
+      }
       output_tiles(p, t0, cnt, M.const_data_ptr<float>(), block * K, scratch.data());
     }
   });

@@ -9,8 +9,9 @@
 namespace resnet_fast {
 
 // relu(conv3x3(x, weight) + bias + residual) from the transformed weight (16, C, K); channels_last output.
+// tiles: the 16 products by our register tiles (conv_gemm.cpp), else by at::bmm.
 at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
-                            const std::optional<at::Tensor>& residual, bool relu);
+                            const std::optional<at::Tensor>& residual, bool relu, bool tiles);
 
 // U[4i + j, c, k] = (G weight[k, c] G^T)[i, j] for a (K, C, 3, 3) weight: float32, computed in
 // float64 and rounded once (the op resnet_fast::winograd_weight; inference caches it).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _routing
 
 
 def winograd_weight(weight: Tensor) -> Tensor:
@@ -28,10 +28,14 @@ def winograd_weight(weight: Tensor) -> Tensor:
 
 
 def conv3x3_bias_act(x: Tensor, weight_winograd: Tensor, bias: Tensor, residual: Tensor | None = None,
-                     relu: bool = True) -> Tensor:
+                     relu: bool = True, tiles: bool | None = None) -> Tensor:
     """``relu(conv3x3(x, weight) + bias + residual)`` (stride 1, padding 1) from the transformed
-    weight (:func:`winograd_weight`). CPU, float32; the output is channels_last."""
-    return torch.ops.resnet_fast.conv3x3_bias_act(x, weight_winograd, bias, residual, relu)
+    weight (:func:`winograd_weight`). CPU, float32; the output is channels_last. ``tiles``: the
+    16 products by our register tiles (``csrc/cpu/conv_gemm.cpp``, AVX-512's where the CPU has
+    it) rather than MKL's sgemm; None: :func:`resnet_fast._routing.winograd_tiles`."""
+    if tiles is None:
+        tiles = _routing.winograd_tiles(weight_winograd.shape[1], weight_winograd.shape[2])
+    return torch.ops.resnet_fast.conv3x3_bias_act(x, weight_winograd, bias, residual, relu, tiles)
 
 
 def register() -> None:
@@ -39,7 +43,7 @@ def register() -> None:
     ``resnet_fast::winograd_weight``."""
 
     @torch.library.register_fake("resnet_fast::conv3x3_bias_act")
-    def _(x, weight_winograd, bias, residual, relu):
+    def _(x, weight_winograd, bias, residual, relu, tiles=False):
         torch._check(x.dim() == 4, lambda: f"conv3x3_bias_act: expected a 4-D input, got {x.dim()}-D")
         n, _c, h, w = x.shape
         return torch.empty(

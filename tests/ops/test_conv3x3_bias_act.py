@@ -29,15 +29,32 @@ def expected_output(x, weight, bias, residual, relu):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "noncontiguous"])
 @pytest.mark.parametrize("with_residual, relu", [(False, True), (True, True), (False, False)])
-def test_matches_formula(shape, layout, with_residual, relu):
+@pytest.mark.parametrize("tiles", [False, True], ids=["bmm", "tiles"])
+def test_matches_formula(shape, layout, with_residual, relu, tiles):
     n, c, h, w, k = shape
     x = make_input((n, c, h, w), torch.float32, layout)
     weight = torch.randn(k, c, 3, 3) / (3 * c**0.5)
     bias = torch.randn(k)
     residual = make_input((n, k, h, w), torch.float32, layout) if with_residual else None
-    y = conv3x3_bias_act(x, winograd_weight(weight), bias, residual, relu)
+    y = conv3x3_bias_act(x, winograd_weight(weight), bias, residual, relu, tiles=tiles)
     assert y.shape == (n, k, h, w) and y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y.double(), expected_output(x, weight, bias, residual, relu), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 256, 14, 14, 256), (1, 512, 7, 7, 512), (2, 128, 28, 28, 128)])
+def test_products_by_our_tiles_are_as_accurate_as_the_direct_convolution(shape):
+    # Against float64: the products by our register tiles, blocked sums of 64 channels, within 1.5x
+    # the error of PyTorch's direct convolution in float32 (measured 0.99-1.17x; one 256-deep sum
+    # was 2.0-2.5x).
+    n, c, h, w, k = shape
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w)
+    weight = torch.randn(k, c, 3, 3) / (3 * c**0.5)
+    bias = torch.randn(k)
+    ref = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    ours = conv3x3_bias_act(x, winograd_weight(weight), bias, None, False, tiles=True).double()
+    direct = torch.nn.functional.conv2d(x, weight, bias, padding=1).double()
+    assert (ours - ref).norm() <= 1.5 * (direct - ref).norm()
 
 
 def test_weight_transform_is_g_g_gt():
