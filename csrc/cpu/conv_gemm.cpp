@@ -62,7 +62,7 @@ constexpr int64_t MAX_TAPS = 16;               // taps of a slice at most
 // gemm_rows' depth per slice. Winograd's products in float32 sum C terms whose rounding the output
 // transform amplifies: with one 256-deep slice their error against float64 was 2.0-2.5x the direct
 // convolution's at 256-512 channels (MKL's sgemm: 1.5x); with slices of 64 (blocked sums) 0.99-1.17x
-// (Zen 4, 2026-12-03; bench/winograd_accuracy.py).
+// (Zen 4, 2026-12-03; tests/ops/test_conv3x3_bias_act.py holds it within 1.5x).
 constexpr int64_t ROWS_KC = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -175,7 +175,8 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
                 continue;
               }
 #endif
-              RF_ISA(any_tile)(rows, ap, segs, panel, PANEL, d, bp + j * PANEL, rp ? r : nullptr, o, n, relu, first, last);
+              RF_ISA(any_tile)(rows, ap, segs, panel, PANEL, d, bp + j * PANEL, rp ? r : nullptr, o, n, relu, first,
+                               last);
             }
           }
         }
