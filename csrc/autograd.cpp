@@ -211,7 +211,7 @@ class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
 using OptTensor = std::optional<at::Tensor>;
 using Conv3x3Signature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool, const OptTensor&,
                                     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool,
-                                    const OptTensor&, int64_t, int64_t);
+                                    const OptTensor&, int64_t, int64_t, bool);
 
 // x = relu(batch_norm(bn_input)) again, as batch_norm_act made it for a convolution that did not
 // keep it: under create_graph as the forward ran it (batch statistics recomputed, differentiable
@@ -231,9 +231,10 @@ const c10::TypedOperatorHandle<Conv3x3Signature>& conv3x3_op() {
   return op;
 }
 
-at::Tensor call_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd, bool kernel) {
+at::Tensor call_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd, bool kernel,
+                        bool tiles) {
   return conv3x3_op().call(x, weight, stride, winograd, kernel, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
-                           std::nullopt, 0.0, true, std::nullopt, 1, 0);
+                           std::nullopt, 0.0, true, std::nullopt, 1, 0, tiles);
 }
 
 // conv3x3_train: at stride 1 the input gradient is the op itself on the flipped, transposed weight
@@ -252,7 +253,8 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
                                bool winograd, bool weight_grad_kernel, const OptTensor& bn_input,
                                const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& bn_mean,
                                const OptTensor& bn_var, double bn_eps, bool bn_training,
-                               const OptTensor& bn_conv_weight, int64_t bn_conv_stride, int64_t bn_conv_padding) {
+                               const OptTensor& bn_conv_weight, int64_t bn_conv_stride, int64_t bn_conv_padding,
+                               bool winograd_tiles) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool recompute = bn_input.has_value();
     if (recompute)
@@ -267,12 +269,14 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     }
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["winograd"] = winograd;
+    ctx->saved_data["winograd_tiles"] = winograd_tiles;
     ctx->saved_data["weight_grad_kernel"] = weight_grad_kernel;
     ctx->saved_data["recompute"] = recompute;
     ctx->saved_data["bn_eps"] = bn_eps;
     ctx->saved_data["bn_training"] = bn_training;
     return {conv3x3_op().call(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
-                              bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding)};
+                              bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding,
+                              winograd_tiles)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -300,7 +304,8 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
       // our op only to recompute x, would pay for the flipped weight's copy (512 x 512 channels:
       // 10 ms a call, the input gradient 12 ms). It reads only x's shape, which bn_input shares.
       if (stride == 1 && (winograd || kernel)) {
-        grad_x = call_conv3x3(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false);
+        grad_x = call_conv3x3(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false,
+                              ctx->saved_data["winograd_tiles"].toBool());
       } else {
         // A tensor of x's shape: the stem's input has another. Never written or read: an unfilled
         // buffer's pages are not touched.
@@ -334,7 +339,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
       if (!grad_weight.is_contiguous(weight.suggest_memory_format()))  // the parameter's own layout
         grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
     }
-    variable_list out(15);  // one per argument: x and weight get gradients; bn_* make x, which carries them
+    variable_list out(16);  // one per argument: x and weight get gradients; bn_* make x, which carries them
     out[0] = grad_x;
     out[1] = grad_weight;
     return out;
@@ -345,9 +350,10 @@ at::Tensor conv3x3_train_autograd(const at::Tensor& x, const at::Tensor& weight,
                                   bool weight_grad_kernel, const OptTensor& bn_input, const OptTensor& bn_weight,
                                   const OptTensor& bn_bias, const OptTensor& bn_mean, const OptTensor& bn_var,
                                   double bn_eps, bool bn_training, const OptTensor& bn_conv_weight,
-                                  int64_t bn_conv_stride, int64_t bn_conv_padding) {
+                                  int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles) {
   return Conv3x3Train::apply(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
-                             bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding)[0];
+                             bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding,
+                             winograd_tiles)[0];
 }
 
 // conv1x1_train: x = relu(batch_norm(bn_input)) is not kept. The input gradient is ATen's

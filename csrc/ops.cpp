@@ -82,7 +82,10 @@ TORCH_LIBRARY(resnet_fast, m) {
   // The residual nets' 3x3 convolution (padding 1, no bias, stride 1 or 2) for training (CPU).
   // How it runs is decided by the caller (resnet_fast._routing.conv3x3_train_plan): `winograd`:
   // the forward and, at stride 1, the input gradient by Winograd F(2x2, 3x3), else ATen's;
-  // `weight_grad_kernel`: the weight gradient by our AVX2 kernel (conv3x3_weight_grad), else ATen's.
+  // `weight_grad_kernel`: the weight gradient by our AVX2 kernel (conv3x3_weight_grad), else ATen's;
+  // `winograd_tiles`: Winograd's 16 products by our register tiles, else at::bmm (as
+  // conv3x3_bias_act's `tiles`; the input gradient's too, so the caller's rule must hold for C and K
+  // swapped).
   // conv3x3_weight_grad returns dW of shape (K, C, 3, 3) in channels_last.
   // bn_input (with bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training): x is
   // batch_norm_act(bn_input, ...)'s output with ReLU and no residual, normalised with bn_mean and
@@ -95,7 +98,7 @@ TORCH_LIBRARY(resnet_fast, m) {
       "conv3x3_train(Tensor x, Tensor weight, int stride, bool winograd, bool weight_grad_kernel, "
       "Tensor? bn_input=None, Tensor? bn_weight=None, Tensor? bn_bias=None, Tensor? bn_mean=None, "
       "Tensor? bn_var=None, float bn_eps=0.0, bool bn_training=True, Tensor? bn_conv_weight=None, "
-      "int bn_conv_stride=1, int bn_conv_padding=0) -> Tensor");
+      "int bn_conv_stride=1, int bn_conv_padding=0, bool winograd_tiles=False) -> Tensor");
   // With bn_weight, bn_bias, bn_mean, bn_var (float32, C each) and bn_eps, the convolution's input is
   // relu(batch_norm(x)) with them, recomputed as batch_norm_act's forward computes it (the weight
   // gradient is not differentiable then).

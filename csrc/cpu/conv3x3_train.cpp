@@ -1,8 +1,9 @@
 // conv3x3_train, the 3x3 convolution of the residual nets (padding 1, no bias, stride 1 or 2) in
 // training, as the caller's plan says (resnet_fast._routing.conv3x3_train_plan): the forward and
 // the input gradient ATen's (oneDNN runs them at 170-200 GFLOP/s here) or, on wide stride-1 maps,
-// Winograd F(2x2, 3x3)'s (winograd.cpp; the input gradient is the convolution with the flipped,
-// transposed weight, csrc/autograd.cpp); the weight gradient our AVX2 kernel below (oneDNN ran
+// Winograd F(2x2, 3x3)'s (winograd.cpp, its 16 products by our register tiles or at::bmm as the plan
+// says; the input gradient is the convolution with the flipped, transposed weight,
+// csrc/autograd.cpp); the weight gradient our AVX2 kernel below (oneDNN ran
 // ResNet-20's at 125-140 GFLOP/s, about two thirds of this CPU's peak) or ATen's.
 // Formula: resnet_fast.ops.reference.conv3x3_weight_grad.
 //
@@ -274,7 +275,7 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
                              const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
                              const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
                              double /*bn_eps*/, bool /*bn_training*/, const std::optional<at::Tensor>& bn_conv_weight,
-                             int64_t bn_conv_stride, int64_t bn_conv_padding) {
+                             int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "conv3x3_train: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
   TORCH_CHECK(!bn_conv_weight.has_value() || bn_input.has_value(),
@@ -309,7 +310,7 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
   if (winograd) {  // the weight transformed at each call: it changes at every step
     TORCH_CHECK(stride == 1, "conv3x3_train: Winograd F(2x2, 3x3) runs stride 1 only, got stride ", stride);
     return winograd_conv3x3(x, winograd_weight(weight), at::zeros({weight.size(0)}, x.options()), std::nullopt, false,
-                            false);
+                            winograd_tiles);
   }
   return at::convolution(x, weight, std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false, {0, 0}, 1);
 }

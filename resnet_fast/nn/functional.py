@@ -134,9 +134,10 @@ def _conv(x: Tensor, conv: nn.Module, source: ConvInput | None = None) -> Tensor
     if source is not None and _routing.recomputes_conv_input(source.impl, plan):
         s = source
         return torch.ops.resnet_fast.conv3x3_train(
-            *args, s.x, s.weight, s.bias, s.mean, s.var, s.eps, s.training, s.conv_weight, s.conv_stride, s.conv_padding
+            *args, s.x, s.weight, s.bias, s.mean, s.var, s.eps, s.training, s.conv_weight, s.conv_stride, s.conv_padding,
+            winograd_tiles=plan.winograd_tiles,
         )
-    return torch.ops.resnet_fast.conv3x3_train(*args)
+    return torch.ops.resnet_fast.conv3x3_train(*args, winograd_tiles=plan.winograd_tiles)
 
 
 # -- inference: BatchNorm folded into the convolution ----------------------------------------

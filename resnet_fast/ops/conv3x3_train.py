@@ -32,7 +32,9 @@ def conv3x3_train(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
     plan = _routing.conv3x3_train_plan(x, weight, stride)
     if plan is None:
         return reference.conv3x3_train(x, weight, stride)
-    return torch.ops.resnet_fast.conv3x3_train(x, weight, stride, plan.winograd, plan.weight_grad_kernel)
+    return torch.ops.resnet_fast.conv3x3_train(
+        x, weight, stride, plan.winograd, plan.weight_grad_kernel, winograd_tiles=plan.winograd_tiles
+    )
 
 
 def register() -> None:
@@ -42,7 +44,8 @@ def register() -> None:
 
     @torch.library.register_fake("resnet_fast::conv3x3_train")
     def _(x, weight, stride, winograd, weight_grad_kernel, bn_input=None, bn_weight=None, bn_bias=None, bn_mean=None,
-          bn_var=None, bn_eps=0.0, bn_training=True, bn_conv_weight=None, bn_conv_stride=1, bn_conv_padding=0):
+          bn_var=None, bn_eps=0.0, bn_training=True, bn_conv_weight=None, bn_conv_stride=1, bn_conv_padding=0,
+          winograd_tiles=False):
         # PyTorch's convolution on the fake tensors: its shape checks and output layout (Winograd's
         # output is channels_last whatever the input's).
         y = F.conv2d(x, weight, None, stride, 1)

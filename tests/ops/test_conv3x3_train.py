@@ -181,31 +181,63 @@ def test_the_op_runs_the_plan_it_is_given():
     assert "aten::bmm" not in names and "aten::convolution" in names
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("channels", [(64, 64), (64, 128), (128, 64)])
+def test_winograd_by_our_tiles_matches_pytorch(layout, channels):
+    """winograd_tiles: the forward's and the input gradient's 16 products by our register tiles
+    (no at::bmm), against the formula in float64, as accurate as at::bmm's products."""
+    c, k = channels
+    x = make_input((3, c, 10, 9), torch.float32, layout, requires_grad=True)
+    w = make_input((k, c, 3, 3), torch.float32, layout, requires_grad=True)
+    grad = torch.randn(3, k, 10, 9)
+    x_ref, w_ref = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    y_ref = reference.conv3x3_train(x_ref, w_ref, 1)
+    y_ref.backward(grad.double())
+    errors = {}
+    for tiles in (False, True):
+        x.grad = w.grad = None
+        run = lambda: torch.ops.resnet_fast.conv3x3_train(x, w, 1, True, False, winograd_tiles=tiles)  # noqa: E731
+        names = op_names(lambda: run().backward(grad))
+        assert ("aten::bmm" in names) == (not tiles)
+        y = run()
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(w.grad.double(), w_ref.grad, rtol=1e-5, atol=1e-3)
+        errors[tiles] = [(y.double() - y_ref).abs().max().item(), (x.grad.double() - x_ref.grad).abs().max().item()]
+    for ours, bmm in zip(errors[True], errors[False]):
+        assert ours <= 1.5 * bmm, errors
+
+
 @pytest.mark.parametrize("avx512", [False, True], ids=["AVX2 CPU", "AVX-512 CPU"])
 def test_training_plans(monkeypatch, avx512):
     """The routing's rules (resnet_fast._routing): Winograd on wide stride-1 maps (on AVX-512 CPUs
     only from 14x14 maps: oneDNN's AVX-512 convolutions are as fast on smaller ones), never past
     256 x 256 channels in training; our weight gradient on AVX2-only CPUs, up to 128 input channels."""
     monkeypatch.setattr(_routing, "_AVX512", avx512)
+    monkeypatch.setattr(_routing, "WINOGRAD_TILES", avx512)
 
     def plan(n, c, h, k, stride=1, source_impl=None):
         x = torch.randn(n, c, h, h)
         return _routing.conv3x3_train_plan(x, torch.randn(k, c, 3, 3, requires_grad=True), stride, source_impl)
 
-    assert plan(2, 64, 56, 64) == (True, not avx512)
-    assert plan(2, 256, 14, 256) == (True, False)
-    assert plan(2, 64, 14, 64) == (True, not avx512)
-    assert plan(2, 64, 8, 64) == (None if avx512 else (True, True))
+    # (winograd, weight_grad_kernel, winograd_tiles): Winograd's products by our register tiles on
+    # AVX-512 CPUs, from 64 channels in and out, both multiples of 16 (the input gradient swaps them).
+    assert plan(2, 64, 56, 64) == (True, not avx512, avx512)
+    assert plan(2, 256, 14, 256) == (True, False, avx512)
+    assert plan(2, 64, 14, 64) == (True, not avx512, avx512)
+    assert plan(2, 64, 14, 72) == (True, not avx512, False)  # 72 % 16 != 0
+    assert plan(2, 72, 14, 64) == (True, not avx512, False)  # the input gradient's 72 output channels
+    assert plan(2, 64, 8, 64) == (None if avx512 else (True, True, False))
     assert plan(2, 512, 7, 512) is None  # 512 x 512: the per-call transform's memory; 512 > 128 for ours
-    assert plan(2, 16, 32, 16) == (None if avx512 else (False, True))
-    assert plan(2, 16, 32, 32, stride=2) == (None if avx512 else (False, True))
+    assert plan(2, 16, 32, 16) == (None if avx512 else (False, True, False))
+    assert plan(2, 16, 32, 32, stride=2) == (None if avx512 else (False, True, False))
     with torch.no_grad():
         assert plan(2, 64, 56, 64) is None  # nothing to differentiate: PyTorch's convolution
     # An input made by the fused CPU BatchNorm (relu(bn(.))): our op runs where nothing else pays,
     # with ATen's convolutions, to keep the BatchNorm's input instead of x.
-    assert plan(2, 512, 7, 512, source_impl="cpu") == (False, False)
-    assert plan(2, 16, 32, 16, source_impl="cpu") == (False, not avx512)
-    assert plan(2, 64, 56, 64, source_impl="cpu") == (True, not avx512)
+    assert plan(2, 512, 7, 512, source_impl="cpu") == (False, False, False)
+    assert plan(2, 16, 32, 16, source_impl="cpu") == (False, not avx512, False)
+    assert plan(2, 64, 56, 64, source_impl="cpu") == (True, not avx512, avx512)
     assert plan(2, 512, 7, 512, source_impl="eager") is None
     monkeypatch.setattr(_routing, "RECOMPUTE_CONV_INPUT", False)
     assert plan(2, 512, 7, 512, source_impl="cpu") is None
