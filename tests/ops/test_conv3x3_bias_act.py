@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import resnet_fast
+from resnet_fast import _routing
 from resnet_fast.ops import conv3x3_bias_act, reference, winograd_weight
 from tests.conftest import make_input, op_names, requires_extension
 
@@ -41,7 +42,9 @@ def test_matches_formula(shape, layout, with_residual, relu, tiles):
     torch.testing.assert_close(y.double(), expected_output(x, weight, bias, residual, relu), rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 256, 14, 14, 256), (1, 512, 7, 7, 512), (2, 128, 28, 28, 128)])
+@pytest.mark.parametrize(
+    "shape", [(1, 256, 14, 14, 256), (1, 512, 7, 7, 512), (2, 128, 28, 28, 128), (8, 32, 16, 16, 32), (4, 32, 8, 8, 32)]
+)
 def test_products_by_our_tiles_are_as_accurate_as_the_direct_convolution(shape):
     # Against float64: the products by our register tiles, blocked sums of 64 channels, within 1.5x
     # the error of PyTorch's direct convolution in float32 (measured 0.99-1.17x; one 256-deep sum
@@ -148,6 +151,10 @@ def test_resnet50_inference_runs_its_wide_3x3_convolutions_here():
     assert _count(model, torch.randn(2, 3, 64, 64), "resnet_fast::conv3x3_bias_act") == 0
 
 
-def test_narrow_convolutions_keep_onednn():
-    model = resnet_fast.get_model("resnet20").eval()  # 16 and 32 channels: oneDNN; 64: ours
-    assert _count(model, torch.randn(2, 3, 32, 32), "resnet_fast::conv3x3_bias_act") == 5
+@pytest.mark.parametrize("tiles", [False, True], ids=["at::bmm (AVX2 CPU)", "our tiles (AVX-512 CPU)"])
+def test_narrow_convolutions_keep_onednn(monkeypatch, tiles):
+    # 16 channels: oneDNN; 32: ours where our tiles run the products (_routing.winograd_tiles),
+    # else oneDNN; 64: ours. Each stage has 5 stride-1 3x3s (its first has stride 2).
+    monkeypatch.setattr(_routing, "WINOGRAD_TILES", tiles)
+    model = resnet_fast.get_model("resnet20").eval()
+    assert _count(model, torch.randn(2, 3, 32, 32), "resnet_fast::conv3x3_bias_act") == (10 if tiles else 5)
