@@ -265,8 +265,8 @@ GEMM_AVX512_MAX_PIXELS = 784
 # With the tiles, inference's Winograd also runs the 32-channel 3x3s (WINOGRAD_MIN_CHANNELS is 64
 # for at::bmm's products): interleaved whole forwards with them against oneDNN's (Zen 4,
 # 2026-12-03): ResNet-56 b1 1.138x, 1.165x; b8 1.051x; b128 1.049x, 1.028x, 1.000x, 1.047x;
-# ResNet-20 b1 1.111x, b128 0.997x. From 16 channels: ResNet-56 b128 0.920x. In training (where
-# the map is 14x14 or more: WINOGRAD_TRAIN_AVX512_MIN_MAP) ResNet-20 b128 steps 1.045x, 1.043x.
+# ResNet-20 b1 1.111x, b128 0.997x. From 16 channels: ResNet-56 b128 0.920x. Training keeps 64
+# (not measured lower).
 # Not measured on an Intel CPU, where MKL runs its AVX-512 sgemm.
 WINOGRAD_TILES_MIN_CHANNELS = 32
 WINOGRAD_TILES = _AVX512
@@ -335,14 +335,13 @@ def is_conv3x3(conv: nn.Module) -> bool:
 def winograd_applies(in_channels: int, out_channels: int, stride: int, training: bool, map_size: int = 0) -> bool:
     """Whether a 3x3, padding-1 convolution runs by Winograd F(2x2, 3x3) (see the constants);
     ``map_size``: the smaller side of the input map (training on AVX-512 CPUs looks at it).
-    From WINOGRAD_TILES_MIN_CHANNELS where :func:`winograd_tiles` runs the products (in training
-    the input gradient's too: C and K swapped)."""
+    Inference from WINOGRAD_TILES_MIN_CHANNELS where :func:`winograd_tiles` runs the products."""
     c, k = in_channels, out_channels
     return (
         stride == 1
         and (
             (c >= WINOGRAD_MIN_CHANNELS and k >= WINOGRAD_MIN_CHANNELS)
-            or (winograd_tiles(c, k) and (not training or winograd_tiles(k, c)))
+            or (not training and winograd_tiles(c, k))
         )
         and c % 8 == 0
         and k % 8 == 0
