@@ -265,8 +265,9 @@ GEMM_AVX512_MAX_PIXELS = 784
 # With the tiles, inference's Winograd also runs the 32-channel 3x3s (WINOGRAD_MIN_CHANNELS is 64
 # for at::bmm's products): interleaved whole forwards with them against oneDNN's (Zen 4,
 # 2026-12-03): ResNet-56 b1 1.138x, 1.165x; b8 1.051x; b128 1.049x, 1.028x, 1.000x, 1.047x;
-# ResNet-20 b1 1.111x, b128 0.997x. From 16 channels: ResNet-56 b128 0.920x. Training keeps 64
-# (not measured lower).
+# ResNet-20 b1 1.111x, b128 0.997x. From 16 channels: ResNet-56 b128 0.920x. Training keeps 64:
+# from 32 (the CIFAR nets' 16x16 maps) ResNet-20 b128 steps ran 1.04x faster, but the default
+# training run (digits) ended at 3.78% test error against 1.78% (not known whether noise).
 # Not measured on an Intel CPU, where MKL runs its AVX-512 sgemm.
 WINOGRAD_TILES_MIN_CHANNELS = 32
 WINOGRAD_TILES = _AVX512
