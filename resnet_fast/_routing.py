@@ -265,9 +265,11 @@ GEMM_AVX512_MAX_PIXELS = 784
 # With the tiles, inference's Winograd also runs the 32-channel 3x3s (WINOGRAD_MIN_CHANNELS is 64
 # for at::bmm's products): interleaved whole forwards with them against oneDNN's (Zen 4,
 # 2026-12-03): ResNet-56 b1 1.138x, 1.165x; b8 1.051x; b128 1.049x, 1.028x, 1.000x, 1.047x;
-# ResNet-20 b1 1.111x, b128 0.997x. From 16 channels: ResNet-56 b128 0.920x. Training keeps 64:
-# from 32 (the CIFAR nets' 16x16 maps) ResNet-20 b128 steps ran 1.04x faster, but the default
-# training run (digits) ended at 3.78% test error against 1.78% (not known whether noise).
+# ResNet-20 b1 1.111x, b128 0.997x. From 16 channels: ResNet-56 b128 0.920x. In training (where
+# the map is 14x14 or more: WINOGRAD_TRAIN_AVX512_MIN_MAP) ResNet-20 b128 steps 1.045x, 1.043x;
+# the default training run (digits) over seeds 0-4 ended at 3.78, 2.44, 2.89, 2.22, 3.11% test
+# error with it, 1.78, 2.44, 2.89, 2.00, 4.44% without (mean 2.89 against 2.71%: within the
+# seeds' own spread).
 # Not measured on an Intel CPU, where MKL runs its AVX-512 sgemm.
 WINOGRAD_TILES_MIN_CHANNELS = 32
 WINOGRAD_TILES = _AVX512
@@ -336,13 +338,14 @@ def is_conv3x3(conv: nn.Module) -> bool:
 def winograd_applies(in_channels: int, out_channels: int, stride: int, training: bool, map_size: int = 0) -> bool:
     """Whether a 3x3, padding-1 convolution runs by Winograd F(2x2, 3x3) (see the constants);
     ``map_size``: the smaller side of the input map (training on AVX-512 CPUs looks at it).
-    Inference from WINOGRAD_TILES_MIN_CHANNELS where :func:`winograd_tiles` runs the products."""
+    From WINOGRAD_TILES_MIN_CHANNELS where :func:`winograd_tiles` runs the products (in training
+    the input gradient's too: C and K swapped)."""
     c, k = in_channels, out_channels
     return (
         stride == 1
         and (
             (c >= WINOGRAD_MIN_CHANNELS and k >= WINOGRAD_MIN_CHANNELS)
-            or (not training and winograd_tiles(c, k))
+            or (winograd_tiles(c, k) and (not training or winograd_tiles(k, c)))
         )
         and c % 8 == 0
         and k % 8 == 0

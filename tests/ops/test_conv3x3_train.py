@@ -228,6 +228,9 @@ def test_training_plans(monkeypatch, avx512):
     assert plan(2, 64, 14, 72) == (True, not avx512, False)  # 72 % 16 != 0
     assert plan(2, 72, 14, 64) == (True, not avx512, False)  # the input gradient's 72 output channels
     assert plan(2, 64, 8, 64) == (None if avx512 else (True, True, False))
+    # 32 channels: Winograd only by our tiles (at::bmm's products do not pay there).
+    assert plan(2, 32, 16, 32) == ((True, False, True) if avx512 else (False, True, False))
+    assert plan(2, 32, 16, 40) == (None if avx512 else (False, True, False))  # 40 % 16 != 0
     assert plan(2, 512, 7, 512) is None  # 512 x 512: the per-call transform's memory; 512 > 128 for ours
     assert plan(2, 16, 32, 16) == (None if avx512 else (False, True, False))
     assert plan(2, 16, 32, 32, stride=2) == (None if avx512 else (False, True, False))
@@ -308,16 +311,18 @@ def test_routing(monkeypatch):
 @pytest.mark.parametrize("avx512", [False, True], ids=["AVX2 CPU", "AVX-512 CPU"])
 def test_models_route_their_3x3_convolutions_as_planned(monkeypatch, avx512):
     monkeypatch.setattr(_routing, "_AVX512", avx512)
+    monkeypatch.setattr(_routing, "WINOGRAD_TILES", avx512)
     model = resnet_fast.get_model("resnet20")
     x = torch.randn(4, 3, 32, 32)
     names = op_names(lambda: model(x).sum().backward())
     if avx512:
-        # Neither Winograd nor our weight gradient pays at ResNet-20's sizes; only the 9 second 3x3s
-        # and the first block's first (whose input is the stem's output) run our op, with ATen's
-        # convolutions (the input gradient too), to keep the BatchNorm's input (the images) instead
-        # of theirs.
-        assert names.count("resnet_fast::conv3x3_train") == 9 + 1
-        assert names.count("resnet_fast::conv3x3_weight_grad") == 9 + 1
+        # Our weight gradient does not pay; Winograd by our tiles on the 32-channel stage's 16x16
+        # maps only (its 5 stride-1 3x3s; 8x8 is below WINOGRAD_TRAIN_AVX512_MIN_MAP). The 9 second
+        # 3x3s and the first block's first (whose input is the stem's output) run our op anyway, to
+        # keep the BatchNorm's input (the images) instead of theirs; so do the 2 other stride-1
+        # first 3x3s of the 32-channel stage, and the 5 input gradients by Winograd.
+        assert names.count("resnet_fast::conv3x3_train") == 9 + 1 + 2 + 5
+        assert names.count("resnet_fast::conv3x3_weight_grad") == 9 + 1 + 2
         assert "aten::bmm" not in names
     else:
         # Every 3x3 convolution after the stem (whose 3 input channels our weight gradient does not
