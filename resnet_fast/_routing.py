@@ -266,10 +266,8 @@ GEMM_AVX512_MAX_PIXELS = 784
 # for at::bmm's products): interleaved whole forwards with them against oneDNN's (Zen 4,
 # 2026-12-03): ResNet-56 b1 1.138x, 1.165x; b8 1.051x; b128 1.049x, 1.028x, 1.000x, 1.047x;
 # ResNet-20 b1 1.111x, b128 0.997x. From 16 channels: ResNet-56 b128 0.920x. In training (where
-# the map is 14x14 or more: WINOGRAD_TRAIN_AVX512_MIN_MAP) ResNet-20 b128 steps 1.045x, 1.043x;
-# the default training run (digits) over seeds 0-4 ended at 3.78, 2.44, 2.89, 2.22, 3.11% test
-# error with it, 1.78, 2.44, 2.89, 2.00, 4.44% without (mean 2.89 against 2.71%: within the
-# seeds' own spread).
+# the map is 14x14 or more: WINOGRAD_TRAIN_AVX512_MIN_MAP) ResNet-20 b128 steps 1.045x, 1.043x,
+# with the default training run's test error within its seeds' spread (CHANGELOG).
 # Not measured on an Intel CPU, where MKL runs its AVX-512 sgemm.
 WINOGRAD_TILES_MIN_CHANNELS = 32
 WINOGRAD_TILES = _AVX512
