@@ -33,6 +33,7 @@ state_dict) and at most :data:`MAX_PLANS` input keys per model are kept.
 from __future__ import annotations
 
 import operator
+import time
 import weakref
 from collections import OrderedDict
 
@@ -223,10 +224,14 @@ class Plan:
         self._output = output
         self._steps = [step + (free,) for step, free in zip(steps, frees)]
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, times: list | None = None) -> Tensor:
+        """The recorded forward on ``x``; where ``times`` is given, each step's (op, seconds) is
+        appended to it (bench/profile_layers.py: the layers' times in what ``model(x)`` runs)."""
         env: list = [None] * self._slots
         env[0] = x
         for func, template, spec, reads, fast, kwargs, top, out_slots, single, free in self._steps:
+            if times is not None:
+                t0 = time.perf_counter()
             if fast is not None:
                 a = list(fast)
                 for p, s in top:
@@ -246,6 +251,8 @@ class Plan:
                         env[s] = o
             for s in free:
                 env[s] = None
+            if times is not None:
+                times.append((func, time.perf_counter() - t0))
         return env[self._output]
 
 
@@ -284,6 +291,13 @@ def forward(model: nn.Module, x: Tensor, fn) -> Tensor:
             while len(plans) > MAX_PLANS:
                 plans.popitem(last=False)
     return y
+
+
+def plan_of(model: nn.Module, x: Tensor) -> Plan | None:
+    """The plan ``model(x)`` would replay now, if it has one (for diagnostics)."""
+    tree = _tree_fingerprint(model) if _routing.plans_forward(model, x) else None
+    plan = _PLANS.get(model, {}).get(_input_key(x)) if tree is not None else None
+    return plan if plan is not None and plan.fingerprint == tree[0] else None
 
 
 def plans_of(model: nn.Module) -> int:
