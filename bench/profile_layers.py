@@ -25,12 +25,12 @@ import os
 import statistics
 import tempfile
 import time
-import warnings
 
 import torch
 import torchvision
 
 import resnet_fast
+import runtimes
 from resnet_fast import _plan, _routing
 from resnet_fast.models import resnet as _resnet_models
 from resnet_fast.nn import blocks as _blocks
@@ -135,12 +135,8 @@ def profile_planned(model, x, forwards: int, order: list) -> tuple[dict, float]:
 
 
 def export_onnx(reference, x) -> str:
-    """torchvision's model exported to ONNX (opset 17), as the runtimes bench exports it."""
-    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(reference, (x,), path, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
-    return path
+    """torchvision's model exported to ONNX as the runtimes bench exports it, in a scratch folder."""
+    return runtimes.export_onnx(reference, x, os.path.join(tempfile.mkdtemp(), "model.onnx"))
 
 
 def onnx_conv_shapes(path: str) -> dict[str, tuple]:
@@ -166,9 +162,7 @@ def profile_onnxruntime(path: str, x, forwards: int) -> tuple[dict, float]:
     and its median forward."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()
+    options = runtimes.onnx_runtime_options()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(os.path.dirname(path), "ort")
@@ -204,9 +198,7 @@ def profile_openvino(path: str, x, forwards: int) -> tuple[dict, float]:
     ("other",)), median ms per forward, and its median forward with the counters on."""
     import openvino
 
-    compiled = openvino.Core().compile_model(path, "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERF_COUNT": "YES"})
+    compiled = openvino.Core().compile_model(path, "CPU", {**runtimes.openvino_config(), "PERF_COUNT": "YES"})
     request = compiled.create_infer_request()
     # A node of the compiled model runs a convolution with what was fused into it (the block's
     # Add and ReLU) and keeps the convolution's name, with "/WithoutBiases" after it.

@@ -13,13 +13,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import pytest
 import torch
 import torchvision
 
 import resnet_fast
+import runtimes
 from conftest import RESULTS_MEMORY, compare
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (the bench extra: pip install -e '.[bench]')")
@@ -35,25 +35,16 @@ def reference_model(arch):
     return getattr(torchvision.models, arch)().eval()
 
 
-def exported(model, x, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
-    return path
+exported = runtimes.export_onnx
 
 
 def onnx_runtime(path):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, runtimes.onnx_runtime_options(), providers=["CPUExecutionProvider"])
 
 
 def openvino(path):
     ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (the bench extra: pip install -e '.[bench]')")
-    core = ov.Core()
-    return core.compile_model(path, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-                                            "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    return ov.Core().compile_model(path, "CPU", runtimes.openvino_config())
 
 
 @pytest.mark.parametrize("arch, batch", CASES, ids=lambda v: str(v))
