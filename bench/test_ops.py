@@ -224,6 +224,29 @@ def test_conv_bias_act_1x1_inference(benchmark, shape, out_channels, stride, wit
             {"oneDNN (prepacked, post-ops)": onednn}, pairs=30, rounds=10)
 
 
+@pytest.mark.parametrize("shape, classes", [((1, 2048, 7, 7), 1000), ((8, 2048, 7, 7), 1000),
+                                            ((1, 512, 7, 7), 1000), ((128, 64, 8, 8), 10)], ids=str)
+def test_pool_linear_inference(benchmark, shape, classes):
+    """The classifier head (ResNet-50 and ResNet-18 at batch 1 and 8, CIFAR ResNet-20 at 128):
+    our pooling + GEMM against PyTorch's adaptive_avg_pool2d, flatten and linear (MKL). Warm
+    caches: alone, the 8 MB weight stays in L3; inside the network it does not
+    (bench/profile_layers.py)."""
+    x = torch.randn(shape).relu().contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(classes, shape[1]) / shape[1] ** 0.5, torch.randn(classes)
+    packed = resnet_fast.ops.pack_conv_weight(weight[:, :, None, None])
+
+    def ours():
+        with torch.inference_mode():
+            resnet_fast.ops.pool_linear(x, packed, bias)
+
+    def eager():
+        with torch.inference_mode():
+            F.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), weight, bias)
+
+    compare(benchmark, f"pool_linear inference {shape}->{classes} channels_last", shape[0], ours,
+            {"eager (adaptive_avg_pool2d + linear)": eager}, pairs=30, rounds=10)
+
+
 # (shape, residual): ResNet-20's stages at batch 128 and ResNet-50's at batch 16.
 CASES = [
     ((128, 16, 32, 32), None),

@@ -136,6 +136,10 @@ TORCH_LIBRARY(resnet_fast, m) {
   // register tiles of 6 x 64 channels (else AVX2's 6 x 16), as resnet_fast._routing decides.
   m.def("conv_bias_act(Tensor x, Tensor weight_packed, Tensor bias, Tensor? residual, bool relu, int kernel, "
         "int stride, int padding, bool wide=False) -> Tensor");
+  // Inference's classifier head: linear(mean over (H, W) of x, weight, bias), the (K, C) weight given
+  // packed by resnet_fast.ops.pack_conv_weight as a (K, C, 1, 1) convolution's; (N, K) out. CPU,
+  // float32 only; wide as conv_bias_act's.
+  m.def("pool_linear(Tensor x, Tensor weight_packed, Tensor bias, bool wide=False) -> Tensor");
   // Issue 18's "NormConvolution" forward, on GPUs (Triton; not routed yet): a convolution whose
   // input is normalised as it is loaded, x' = [relu](x * scale[c] + shift[c]) (the previous
   // BatchNorm's scale and shift; the zero padding is x''s), and whose epilogue reduces its own output

@@ -30,7 +30,7 @@ BACKENDS = ("auto", "eager", "cpu", "cuda", "triton")
 # The fused ops, as the README's op table lists them (their backward ops and helpers are not
 # listed). Which of them have kernels where is read from the dispatcher below.
 FUSED_OPS = ("zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d", "conv3x3_train", "conv3x3_bias_act",
-             "conv_bias_act", "conv1x1_train", "max_pool2d_train", "conv_bn_act_train")
+             "conv_bias_act", "conv1x1_train", "max_pool2d_train", "conv_bn_act_train", "pool_linear")
 
 # -- the compiled extension -------------------------------------------------------------------
 

@@ -107,12 +107,12 @@ def test_kernel_table_lists_built_kernels():
     table = resnet_fast.kernels()
     assert set(table) == {
         "zero_pad_shortcut", "batch_norm_act", "bias_act", "max_pool2d", "conv3x3_train", "conv3x3_bias_act",
-        "conv_bias_act", "conv1x1_train", "max_pool2d_train", "conv_bn_act_train",
+        "conv_bias_act", "conv1x1_train", "max_pool2d_train", "conv_bn_act_train", "pool_linear",
     }
     # The GPUs keep PyTorch's pooling and cuDNN's convolutions.
     cpu_only = {
         "max_pool2d", "max_pool2d_train", "conv3x3_train", "conv3x3_bias_act", "conv_bias_act", "conv1x1_train",
-        "conv_bn_act_train",
+        "conv_bn_act_train", "pool_linear",
     }
     for op in table:
         assert table[op]["cpu"] == resnet_fast.extension_available()

@@ -72,6 +72,13 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
                          const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
                          int64_t padding, bool wide) {
+  return conv_bias_act_sliced(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, KC);
+}
+
+at::Tensor conv_bias_act_sliced(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
+                                const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
+                                int64_t padding, bool wide, int64_t kc) {
+  TORCH_INTERNAL_ASSERT(kc >= 1);
   TORCH_CHECK(x.dim() == 4, "conv_bias_act: expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight_packed.scalar_type() == at::kFloat &&
                   bias.scalar_type() == at::kFloat,
@@ -119,10 +126,10 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, c
   // tap's channels in parts; partial sums go through y between slices. Where the last panel is
   // partial there is one slice (1x1 only: no residual model has such K).
   const bool sliced = K % PANEL == 0;
-  const int64_t per_tap = sliced ? ceil_div(C, KC) : 1;                      // slices of one tap
+  const int64_t per_tap = sliced ? ceil_div(C, kc) : 1;                      // slices of one tap
   const int64_t depth = std::max<int64_t>(ceil_div(C, per_tap), 1);          // channels of a segment
   const int64_t seg_taps =  // taps of a slice
-      per_tap == 1 && sliced ? std::clamp<int64_t>(KC / depth, 1, std::min<int64_t>(MAX_TAPS, taps)) : 1;
+      per_tap == 1 && sliced ? std::clamp<int64_t>(kc / depth, 1, std::min<int64_t>(MAX_TAPS, taps)) : 1;
   const int64_t slice = depth * seg_taps;
   // Pixel blocks of equal size (a multiple of the tile's rows), as few as L2 allows.
   const int64_t max_block = std::clamp<int64_t>(BLOCK_BYTES / (4 * slice) / MAX_ROWS * MAX_ROWS, MAX_ROWS, MAX_BLOCK);

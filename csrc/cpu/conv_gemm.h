@@ -1,9 +1,22 @@
 #pragma once
-// The register tiles of conv_gemm.cpp as a plain row-major matrix product, for the other kernels
-// that need one inside their own loops (Winograd's 16 products, winograd.cpp).
+// conv_gemm.cpp's op, and its register tiles as a plain row-major matrix product, for the other
+// kernels that need one inside their own loops (Winograd's 16 products, winograd.cpp).
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
+#include <optional>
 
 namespace resnet_fast {
+
+// The op conv_bias_act (conv_gemm.cpp), for the ops built on it (pool_linear.cpp).
+at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
+                         const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
+                         int64_t padding, bool wide);
+// The same with the depth's slices at most kc channels deep (conv_bias_act: 256): each slice's
+// sums start from zero, so the rounding error grows with kc, not with the whole depth.
+at::Tensor conv_bias_act_sliced(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
+                                const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
+                                int64_t padding, bool wide, int64_t kc);
 
 // c[m][k] = sum_d a[m][d] * b[d][k] for m < rows, k < K, d < depth: row-major, rows lda, ldb and
 // ldc floats apart, on the calling thread (the caller parallelises). K must be a multiple of 16

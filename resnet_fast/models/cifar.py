@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import _plan, _routing
 from ..nn.blocks import SHORTCUTS, BasicBlock, FusedModule, ZeroPadShortcut, make_shortcut
-from ..nn.functional import run_owning_residuals, stem_conv_bn_relu_source
+from ..nn.functional import pool_linear, run_owning_residuals, stem_conv_bn_relu_source
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
 
 __all__ = [
@@ -105,8 +105,7 @@ class CifarResNet(FusedModule):
         x = to_internal_layout(x, self.conv1)
         # The blocks' inputs are this forward's own tensors: block ends may reuse them.
         x = run_owning_residuals(self, lambda t: self.layer3(self.layer2(self._stem_and_layer1(t))), x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
+        return pool_linear(x, self.avgpool, self.fc)  # fc(flatten(avgpool(x), 1)), in one op in inference
 
     def _stem_and_layer1(self, x: Tensor) -> Tensor:
         """``self.layer1(relu(self.bn1(self.conv1(x))))``. Where the stem says how it made its

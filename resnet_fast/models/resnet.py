@@ -23,7 +23,7 @@ from torchvision.models._utils import _ovewrite_named_param
 
 from .. import _plan
 from ..nn.blocks import SHORTCUTS, BasicBlock, Bottleneck, FusedModule, MaxPool2d, make_shortcut
-from ..nn.functional import run_owning_residuals, stem_conv_bn_act
+from ..nn.functional import pool_linear, run_owning_residuals, stem_conv_bn_act
 from ._common import check_input, choose_layout, to_internal_layout, he_init, load_into, resolve_weights, zero_init_last_bn
 
 __all__ = [
@@ -179,11 +179,7 @@ class ResNet(FusedModule):
 
         # The blocks' inputs are this forward's own tensors: block ends may reuse them.
         x = run_owning_residuals(self, lambda t: self.layer4(self.layer3(self.layer2(self.layer1(t)))), x)
-
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        x = self.fc(x)
-        return x
+        return pool_linear(x, self.avgpool, self.fc)  # fc(flatten(avgpool(x), 1)), in one op in inference
 
     def _forward_formula(self, x: Tensor) -> Tensor:  # torchvision's ResNet._forward_impl
         x = self.conv1(x)

@@ -186,6 +186,27 @@ def _folded_weights(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, path: str) -
     return weight, bias
 
 
+# linear module -> (key, packed weight, bias) for pool_linear; weakly keyed as _FOLDED.
+_PACKED_FC: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+
+
+def pool_linear(x: Tensor, pool: nn.Module, fc: nn.Module) -> Tensor:
+    """A network's head, ``fc(torch.flatten(pool(x), 1))``: in inference on the CPU (see
+    :func:`resnet_fast._routing.pool_linear_applies`) our op ``pool_linear``, with fc's weight
+    packed once (cached until a parameter changes), else the modules themselves."""
+    if not _routing.pool_linear_applies(x, pool, fc):
+        return fc(torch.flatten(pool(x), 1))
+    tensors = (fc.weight,) if fc.bias is None else (fc.weight, fc.bias)
+    key = tuple((t._version, t.data_ptr()) for t in tensors)
+    hit = _PACKED_FC.get(fc)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            bias = fc.bias.detach() if fc.bias is not None else fc.weight.new_zeros(fc.out_features)
+            hit = (key, ops.pack_conv_weight(fc.weight.detach()[:, :, None, None]), bias)
+        _PACKED_FC[fc] = hit
+    return ops.pool_linear(x, hit[1], hit[2])
+
+
 # Set by a whole network's forward (models/) while its intermediate tensors are its own: a block
 # end may then write its output into the storage of its residual (the block's input or its
 # projection), as torch.compile's freezing does, sparing a fresh output buffer per block.

@@ -12,6 +12,7 @@ from .conv3x3_bias_act import conv3x3_bias_act, winograd_weight
 from .conv3x3_train import conv3x3_train
 from .max_pool2d import max_pool2d
 from .norm_conv import norm_conv
+from .pool_linear import pool_linear
 from .zero_pad_shortcut import zero_pad_shortcut
 
 if _backend.triton_available():
@@ -22,5 +23,5 @@ if _backend.triton_available():
 
 __all__ = [
     "batch_norm_act", "bias_act", "conv_bias_act", "conv_bn_act_train", "conv3x3_bias_act", "conv3x3_train", "max_pool2d",
-    "norm_conv", "pack_conv_weight", "reference", "winograd_weight", "zero_pad_shortcut",
+    "norm_conv", "pack_conv_weight", "pool_linear", "reference", "winograd_weight", "zero_pad_shortcut",
 ]

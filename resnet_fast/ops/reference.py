@@ -165,3 +165,10 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | No
     (x zero outside the map). x: (N, C, H, W), weight: (K, C, R, R), bias: (K,), residual: the
     output's shape."""
     return bias_act(F.conv2d(x, weight, None, stride, padding), bias, residual, relu)
+
+
+def pool_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Inference's classifier head, global average pooling then the linear layer:
+    ``y[n, k] = bias[k] + sum_c weight[k, c] * mean_{h, w} x[n, c, h, w]``. x: (N, C, H, W),
+    weight: (K, C), bias: (K,) -> (N, K)."""
+    return F.linear(x.mean((2, 3)), weight, bias)
