@@ -646,7 +646,7 @@ def pool_linear_applies(x: Tensor, pool: nn.Module, fc: nn.Module) -> bool:
     torch.inference_mode: a packed copy could not see an in-place change to them), and a weight of
     at least POOL_LINEAR_MIN_WEIGHTS values. On the Zen 4
     (2 cores), in a planned forward at batch 1, PyTorch's two ops took 0.64-0.74 ms in ResNet-50
-    (pooling 0.13-0.15, MKL's sgemv 0.50-0.59) and 0.41 in ResNet-18; ours about 0.2 and 0.1."""
+    (pooling 0.13-0.15, MKL's sgemv 0.50-0.59) and 0.41-0.46 in ResNet-18; ours 0.28-0.41 and 0.15-0.17."""
     return (
         type(pool) is nn.AdaptiveAvgPool2d
         and pool.output_size in (1, (1, 1), [1, 1])

@@ -53,7 +53,7 @@ constexpr int MAX_ROWS = 6;
 
 namespace {
 
-constexpr int PANEL = 16;                      // output channels per packed panel
+constexpr int PANEL = GEMM_PANEL;              // output channels per packed panel
 constexpr int64_t WIDE_PANELS = 4;             // panels of an AVX-512 tile
 constexpr int64_t KC = 256;                    // input channels per slice: a panel's slice (16 KB) stays in L1
 constexpr int64_t BLOCK_BYTES = 192 * 1024;    // a pixel block's input rows of one slice, to stay in L2

@@ -8,6 +8,10 @@
 
 namespace resnet_fast {
 
+// Output channels per panel of a weight packed for conv_bias_act (resnet_fast.ops.pack_conv_weight:
+// (ceil(K / 16), R*R*C, 16)).
+constexpr int64_t GEMM_PANEL = 16;
+
 // The op conv_bias_act (conv_gemm.cpp), for the ops built on it (pool_linear.cpp).
 at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
                          const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,

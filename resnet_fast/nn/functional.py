@@ -200,9 +200,8 @@ def pool_linear(x: Tensor, pool: nn.Module, fc: nn.Module) -> Tensor:
     key = tuple((t._version, t.data_ptr()) for t in tensors)
     hit = _PACKED_FC.get(fc)
     if hit is None or hit[0] != key:
-        with torch.no_grad():
-            bias = fc.bias.detach() if fc.bias is not None else fc.weight.new_zeros(fc.out_features)
-            hit = (key, ops.pack_conv_weight(fc.weight.detach()[:, :, None, None]), bias)
+        bias = fc.bias.detach() if fc.bias is not None else fc.weight.new_zeros(fc.out_features)
+        hit = (key, ops.pack_conv_weight(fc.weight[:, :, None, None]), bias)  # (packing detaches)
         _PACKED_FC[fc] = hit
     return ops.pool_linear(x, hit[1], hit[2])
 
