@@ -42,6 +42,37 @@ def layer_key(x_shape, conv, residual) -> tuple:
     return (tuple(x_shape[1:]), conv.out_channels, conv.kernel_size[0], conv.stride[0], residual)
 
 
+def layer_macs(key, batch: int, path: str) -> tuple[int, int]:
+    """(the direct convolution's multiply-adds, the multiplies its path runs) for one convolution
+    of ``key``'s kind (padding ``kernel // 2``, as in the residual nets): Winograd F(2x2, 3x3)
+    runs 16 per 2x2 output tile and channel pair (its map padded to whole tiles), the others the
+    direct convolution's."""
+    (c, h, w), k, r, s, _ = key
+    oh, ow = (h + 2 * (r // 2) - r) // s + 1, (w + 2 * (r // 2) - r) // s + 1
+    direct = batch * oh * ow * k * c * r * r
+    if path == "winograd":
+        return direct, batch * ((oh + 1) // 2) * ((ow + 1) // 2) * 16 * c * k
+    return direct, direct
+
+
+def gemm_rate(repeats: int = 200) -> float:
+    """GFLOP/s of our GEMM (conv_bias_act, the routing's register tiles) on a 1x1 convolution
+    whose operands stay in cache, (1, 256, 12, 12) to 256 channels, on this process's threads: the
+    rate its kernels reach where memory does not hold them back (the best of 5 runs)."""
+    x = torch.randn(1, 256, 12, 12).contiguous(memory_format=torch.channels_last)
+    weight, bias = resnet_fast.ops.pack_conv_weight(torch.randn(256, 256, 1, 1)), torch.randn(256)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(20):
+            resnet_fast.ops.conv_bias_act(x, weight, bias)
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                resnet_fast.ops.conv_bias_act(x, weight, bias)
+            best = min(best, (time.perf_counter() - t0) / repeats)
+    return 2 * 144 * 256 * 256 / best / 1e9
+
+
 def profile_resnet_fast(model, x, forwards: int) -> tuple[dict, dict, float, list]:
     """Per-layer-kind median ms per forward, the path of each kind, the median forward in ms, and
     the kinds of a forward's convolutions in the order they ran (tests/test_profile_layers.py
@@ -257,20 +288,37 @@ def main(argv=None) -> None:
     print(f"{args.arch}, batch {args.batch}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("ms per forward; 'modules': each convolution timed in the modules' forward (its Python included), "
           "'plan': in the planned forward (what model(x) runs); the ratios are to 'plan'")
-    print(f"{'input (C, H, W)':<18} {'out':>5} {'k':>2} {'s':>2} {'res':>4} {'path':>9} {'modules':>8} {'plan':>8}"
-          + "".join(f" {name:>8} {name + '/plan':>8}" for name in runtimes))
+    print("GF/s: the direct convolution's multiply-adds x 2 per second in the planned forward (Winograd's"
+          " exceed the machine's rate: it runs 16/36 of the multiplies); n: convolutions of the kind")
+    print(f"{'input (C, H, W)':<18} {'out':>5} {'k':>2} {'s':>2} {'res':>4} {'n':>3} {'path':>9} {'modules':>8} "
+          f"{'plan':>8} {'GF/s':>6}" + "".join(f" {name:>8} {name + '/plan':>8}" for name in runtimes))
+    counts = collections.Counter(order)
+    macs = {key: layer_macs(key, args.batch, paths[key]) for key in ours}
     for key in sorted(ours, key=lambda k: -ours[k]):
         mine = planned.get(key, nan)
         theirs = [times.get((key[0], key[1], key[2], key[4]), nan) for times, _ in runtimes.values()]
-        print(f"{str(key[0]):<18} {key[1]:>5} {key[2]:>2} {key[3]:>2} {'yes' if key[4] else 'no':>4} {paths[key]:>9} "
-              f"{ours[key]:8.3f} {mine:8.3f}" + "".join(f" {t:8.3f} {t / mine:8.2f}" for t in theirs))
-    print(f"{'convolutions':<52} {sum(ours.values()):8.3f} {sum(planned.values()):8.3f}"
+        rate = 2 * macs[key][0] * counts[key] / (mine * 1e-3) / 1e9
+        print(f"{str(key[0]):<18} {key[1]:>5} {key[2]:>2} {key[3]:>2} {'yes' if key[4] else 'no':>4} "
+              f"{counts[key]:>3} {paths[key]:>9} {ours[key]:8.3f} {mine:8.3f} {rate:6.0f}"
+              + "".join(f" {t:8.3f} {t / mine:8.2f}" for t in theirs))
+    print(f"{'convolutions':<56} {sum(ours.values()):8.3f} {sum(planned.values()):8.3f} {'':>6}"
           + "".join(f" {sum(v for k, v in times.items() if k != ('other',)):8.3f} {'':>8}" for times, _ in runtimes.values()))
-    print(f"{'rest (pooling, fc, Python between layers)':<52} {ours_total - sum(ours.values()):8.3f} "
-          f"{planned_total - sum(planned.values()):8.3f}"
+    print(f"{'rest (pooling, fc, Python between layers)':<56} {ours_total - sum(ours.values()):8.3f} "
+          f"{planned_total - sum(planned.values()):8.3f} {'':>6}"
           + "".join(f" {times.get(('other',), nan):8.3f} {'':>8}" for times, _ in runtimes.values()))
-    print(f"{'forward (wall clock; OV with its counters on)':<52} {ours_total:8.3f} {planned_total:8.3f}"
+    print(f"{'forward (wall clock; OV with its counters on)':<56} {ours_total:8.3f} {planned_total:8.3f} {'':>6}"
           + "".join(f" {total:8.3f} {total / planned_total:8.2f}" for _, total in runtimes.values()))
+    # What the multiplies alone would take at the rate our GEMM reaches in cache: a floor for any
+    # kernel that runs them (the runtimes run the direct convolution's, all of them).
+    direct = sum(macs[k][0] * n for k, n in counts.items())
+    run = sum(macs[k][1] * n for k, n in counts.items())
+    rate = gemm_rate()
+    print(f"multiply-adds per forward: {direct / 1e9:.3f} G direct, {run / 1e9:.3f} G run (Winograd's at 16 per "
+          f"tile); our GEMM in cache: {rate:.0f} GFLOP/s on {torch.get_num_threads()} threads")
+    print(f"  at that rate: ours {2e3 * run / (rate * 1e9):.2f} ms (the convolutions take "
+          f"{sum(planned.values()):.2f}), the direct convolution {2e3 * direct / (rate * 1e9):.2f} ms"
+          + "".join(f"; {name} at {2 * direct / (sum(v for k, v in times.items() if k != ('other',)) * 1e-3) / 1e9:.0f}"
+                    f" GFLOP/s" for name, (times, _) in runtimes.items() if times))
 
 if __name__ == "__main__":
     main()

@@ -51,6 +51,28 @@ def test_every_convolution_is_timed(setup):
     assert sum(k[4] for k in order) == 16  # one residual add per block
 
 
+def test_layer_macs_count_the_convolutions(profile_layers, setup):
+    """layer_macs against the modules' own shapes (forward hooks), and Winograd's 16 multiplies
+    per 2x2 tile: fewer than the direct 36, more than 16/36 of them where a map is odd."""
+    _, model, x, _, paths, _, order = setup
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.numel() * m.in_channels * m.kernel_size[0] ** 2))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with resnet_fast.use_backend("eager"), torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    direct = [profile_layers.layer_macs(k, x.shape[0], "onednn") for k in order]
+    assert all(d == r for d, r in direct) and sum(d for d, _ in direct) == sum(seen)
+    assert profile_layers.layer_macs(((64, 56, 56), 64, 3, 1, False), 2, "winograd") == (
+        2 * 56 * 56 * 64 * 64 * 9, 2 * 28 * 28 * 16 * 64 * 64)
+    assert profile_layers.layer_macs(((512, 7, 7), 512, 3, 1, False), 1, "winograd") == (
+        49 * 512 * 512 * 9, 16 * 16 * 512 * 512)
+    assert profile_layers.layer_macs(((256, 56, 56), 512, 1, 2, False), 1, "gemm") == (28 * 28 * 512 * 256,) * 2
+
+
 def test_planned_steps_match_the_modules(profile_layers, setup):
     _, model, x, ours, _, _, order = setup
     if not _routing.PLAN_FORWARD:
