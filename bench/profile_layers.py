@@ -135,8 +135,8 @@ def profile_resnet_fast(model, x, forwards: int) -> tuple[dict, dict, float, lis
 
 
 # The ops a fused convolution records in a plan: one per convolution, whatever its path.
-CONV_OPS = {"resnet_fast::conv_bias_act", "resnet_fast::conv3x3_bias_act", "mkldnn::_convolution_pointwise",
-            "mkldnn::_convolution_pointwise_"}
+CONV_OPS = {"resnet_fast::conv_bias_act", "resnet_fast::conv_bias_act_", "resnet_fast::conv3x3_bias_act",
+            "resnet_fast::conv3x3_bias_act_", "mkldnn::_convolution_pointwise", "mkldnn::_convolution_pointwise_"}
 
 
 def profile_planned(model, x, forwards: int, order: list) -> tuple[dict, float]:

@@ -224,6 +224,50 @@ def test_conv_bias_act_1x1_inference(benchmark, shape, out_channels, stride, wit
             {"oneDNN (prepacked, post-ops)": onednn}, pairs=30, rounds=10)
 
 
+@pytest.mark.parametrize("shape, out_channels", [((1, 64, 56, 56), 256), ((1, 128, 28, 28), 512),
+                                                 ((1, 256, 14, 14), 1024), ((8, 128, 28, 28), 512)], ids=str)
+def test_block_end_in_place_inference(benchmark, shape, out_channels):
+    """A bottleneck's last 1x1 (BatchNorm folded, + residual, ReLU) written into the residual's
+    storage (conv_bias_act_, what a network's forward runs where our GEMM routes) against the same
+    GEMM writing a new tensor, and oneDNN's in-place post-op: each call on the next of enough
+    inputs and residuals to fill 64 MB, so that it finds them out of cache, as inside the network
+    (where its residual was written three convolutions earlier)."""
+    cl = torch.channels_last
+    n, c, h, w = shape
+    k = out_channels
+    ring = max(2, (64 << 20) // (4 * n * h * w * (c + k)))
+    xs = [torch.randn(shape).relu().contiguous(memory_format=cl) for _ in range(ring)]
+    residuals = {name: [torch.randn(n, k, h, w).contiguous(memory_format=cl) for _ in range(ring)]
+                 for name in ("in place", "new tensor", "onednn")}
+    weight, bias = torch.randn(k, c, 1, 1) / c**0.5, torch.randn(k)
+    args = ([0, 0], [1, 1], [1, 1], 1)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(memory_format=cl), *args, list(shape))
+    ours_weight = resnet_fast.ops.pack_conv_weight(weight)
+    turn = {"in place": 0, "new tensor": 0, "onednn": 0}
+
+    def next_of(name):
+        i = turn[name] = (turn[name] + 1) % ring
+        return xs[i], residuals[name][i]
+
+    def in_place():
+        x, r = next_of("in place")
+        with torch.inference_mode():
+            resnet_fast.ops.conv_bias_act_(r, x, ours_weight, bias, True)
+
+    def new_tensor():
+        x, r = next_of("new tensor")
+        with torch.inference_mode():
+            resnet_fast.ops.conv_bias_act(x, ours_weight, bias, r, True)
+
+    def onednn():
+        x, r = next_of("onednn")
+        with torch.inference_mode():
+            torch.ops.mkldnn._convolution_pointwise_.binary(r, x, packed, bias, *args, "add", None, "relu", [], "")
+
+    compare(benchmark, f"conv_bias_act_ block end {shape}->{k} into its residual, out of cache", n, in_place,
+            {"our GEMM, a new tensor": new_tensor, "oneDNN in place (sum post-op)": onednn}, pairs=30, rounds=10)
+
+
 @pytest.mark.parametrize("shape, classes", [((1, 2048, 7, 7), 1000), ((8, 2048, 7, 7), 1000),
                                             ((1, 512, 7, 7), 1000), ((128, 64, 8, 8), 10)], ids=str)
 def test_pool_linear_inference(benchmark, shape, classes):

@@ -129,6 +129,12 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "conv3x3_bias_act(Tensor x, Tensor weight_winograd, Tensor bias, Tensor? residual, bool relu, "
       "bool tiles=False) -> Tensor");
+  // The same written into the residual's storage (channels_last contiguous; nothing returned, so
+  // that functionalization can replace it): a network's block end whose input nothing reads again
+  // (resnet_fast.nn.functional's donation).
+  m.def(
+      "conv3x3_bias_act_(Tensor(a!) residual, Tensor x, Tensor weight_winograd, Tensor bias, bool relu, "
+      "bool tiles=False) -> ()");
   m.def("winograd_weight(Tensor weight) -> Tensor");
   // Inference: relu(conv2d(x, weight, stride, padding) + bias + residual), square kernels, as one
   // matrix product with the weight given packed, (ceil(K / 16), kernel^2 * C, 16) float32, by
@@ -136,6 +142,11 @@ TORCH_LIBRARY(resnet_fast, m) {
   // register tiles of 6 x 64 channels (else AVX2's 6 x 16), as resnet_fast._routing decides.
   m.def("conv_bias_act(Tensor x, Tensor weight_packed, Tensor bias, Tensor? residual, bool relu, int kernel, "
         "int stride, int padding, bool wide=False) -> Tensor");
+  // The same written into the residual's storage (channels_last contiguous; nothing returned),
+  // where the depth is one slice: kernel^2 * C <= 256 (else its partial sums would overwrite the
+  // residual first; resnet_fast._routing.GEMM_SLICE).
+  m.def("conv_bias_act_(Tensor(a!) residual, Tensor x, Tensor weight_packed, Tensor bias, bool relu, int kernel, "
+        "int stride, int padding, bool wide=False) -> ()");
   // Inference's classifier head: linear(mean over (H, W) of x, weight, bias), the (K, C) weight given
   // packed by resnet_fast.ops.pack_conv_weight as a (K, C, 1, 1) convolution's; (N, K) out. CPU,
   // float32 only; wide as conv_bias_act's.

@@ -250,6 +250,10 @@ GEMM_APPLIES = CPU_CAPABILITY == "AVX2"
 # (noise); with the 3136-pixel maps of layer1 too, 1.040x. At batch 8 the 1568-pixel and larger
 # maps lose (all 1x1s by ours: 0.93x) and layer4's 392 pixels alone are neutral (1.003-1.006x).
 GEMM_AVX512_MAX_PIXELS = 784
+# The depth (kernel^2 * C) of one slice of our GEMM (KC in csrc/cpu/conv_gemm.cpp): up to it, a
+# block end's GEMM may write its output into the residual's storage (conv_bias_act_); deeper, a
+# slice's partial sums would pass through the output before the residual is added.
+GEMM_SLICE = 256
 
 
 # Winograd's 16 products (tiles x C times C x K each) by our GEMM's register tiles (gemm_rows in

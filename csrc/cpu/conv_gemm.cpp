@@ -25,6 +25,7 @@
 // at batch 1 on the Zen 3 (2 cores, interleaved) this order took 0.77-0.91x the time of the other
 // (each tile meeting the group's panels in turn) on 11 of its 16 1x1 shapes, 0.95-0.98x on 2,
 // 1.06-1.32x on 3; without slices, layer4's 4 MB weights went through L2 once per tile.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -67,17 +68,46 @@ constexpr int64_t ROWS_KC = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The op, its output either fresh or (into_residual) the residual's own storage: each output is
+// then written where its residual was read, by the same tile, after reading it.
+at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
+                     int64_t padding, bool wide, int64_t kc, bool into_residual);
+
 }  // namespace
 
 at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
                          const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
                          int64_t padding, bool wide) {
-  return conv_bias_act_sliced(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, KC);
+  return conv_gemm(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, KC, false);
 }
 
 at::Tensor conv_bias_act_sliced(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
                                 const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
                                 int64_t padding, bool wide, int64_t kc) {
+  return conv_gemm(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, kc, false);
+}
+
+namespace {
+
+// conv_bias_act_: the same, written into the residual. Only where the depth is one slice
+// (kernel^2 * C <= KC): with more, a slice's partial sums would overwrite the residual before the
+// last slice adds it.
+void conv_bias_act_(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight_packed,
+                    const at::Tensor& bias, bool relu, int64_t kernel, int64_t stride, int64_t padding, bool wide) {
+  TORCH_CHECK(x.dim() == 4 && kernel * kernel * x.size(1) <= KC, "conv_bias_act_: writes into its residual only "
+              "where kernel^2 * C <= ", KC, " (one slice of the depth), got kernel ", kernel, " and ",
+              x.dim() == 4 ? x.size(1) : -1, " input channels: use conv_bias_act");
+  TORCH_CHECK(residual.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "conv_bias_act_: expected a channels_last contiguous residual (it is written in place), got strides ",
+              residual.strides());
+  at::assert_no_overlap(residual, x);
+  conv_gemm(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, KC, true);
+}
+
+at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
+                     int64_t padding, bool wide, int64_t kc, bool into_residual) {
   TORCH_INTERNAL_ASSERT(kc >= 1);
   TORCH_CHECK(x.dim() == 4, "conv_bias_act: expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight_packed.scalar_type() == at::kFloat &&
@@ -109,7 +139,7 @@ at::Tensor conv_bias_act_sliced(const at::Tensor& x, const at::Tensor& weight_pa
                 "), got ", residual->scalar_type(), " ", residual->sizes());
     res = residual->contiguous(cl);
   }
-  at::Tensor y = at::empty({N, K, OH, OW}, x.options().memory_format(cl));
+  at::Tensor y = into_residual ? res : at::empty({N, K, OH, OW}, x.options().memory_format(cl));
   const int64_t P = N * OH * OW;
   if (P == 0 || K == 0) return y;
   const at::Tensor xc = x.contiguous(cl), B = weight_packed.contiguous(), b = bias.contiguous();
@@ -192,6 +222,8 @@ at::Tensor conv_bias_act_sliced(const at::Tensor& x, const at::Tensor& weight_pa
   return y;
 }
 
+}  // namespace
+
 void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
                int64_t depth, int64_t K, const float* zeros, bool wide) {
   TORCH_INTERNAL_ASSERT(K % PANEL == 0 && (!wide || use_avx512()));
@@ -225,6 +257,9 @@ void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
   }
 }
 
-TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) { m.impl("conv_bias_act", &conv_bias_act); }
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("conv_bias_act", &conv_bias_act);
+  m.impl("conv_bias_act_", &conv_bias_act_);
+}
 
 }  // namespace resnet_fast

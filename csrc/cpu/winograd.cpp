@@ -17,6 +17,7 @@
 // Narrow maps (C < 256) run tile blocks in parallel, each thread through its own V and M that stay
 // in cache; wide ones (C >= 256, few tiles) run chunks of tiles one after another, with the
 // transforms and the products each parallel (V and M at most 8 MB).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -86,10 +87,32 @@ void output_tiles(const Plan& p, int64_t t0, int64_t cnt, const float* M, int64_
   }
 }
 
+// The op, its output either fresh or (into_residual) the residual's own storage: the output
+// transform reads each tile's residual and then writes its outputs in the same place.
+at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
+                    const std::optional<at::Tensor>& residual, bool relu, bool tiles, bool into_residual);
+
 }  // namespace
 
 at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
                             const std::optional<at::Tensor>& residual, bool relu, bool tiles) {
+  return winograd(x, weight_winograd, bias, residual, relu, tiles, false);
+}
+
+namespace {
+
+// conv3x3_bias_act_: the same, written into the residual.
+void winograd_conv3x3_(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight_winograd,
+                       const at::Tensor& bias, bool relu, bool tiles) {
+  TORCH_CHECK(residual.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "conv3x3_bias_act_: expected a channels_last contiguous residual (it is written in place), got "
+              "strides ", residual.strides());
+  at::assert_no_overlap(residual, x);
+  winograd(x, weight_winograd, bias, residual, relu, tiles, true);
+}
+
+at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
+                    const std::optional<at::Tensor>& residual, bool relu, bool tiles, bool into_residual) {
   TORCH_CHECK(x.dim() == 4, "conv3x3_bias_act: expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight_winograd.scalar_type() == at::kFloat &&
                   bias.scalar_type() == at::kFloat,
@@ -110,7 +133,7 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
                 residual->scalar_type(), " ", residual->sizes());
     res = residual->contiguous(cl);
   }
-  at::Tensor y = at::empty({N, K, H, W}, x.options().memory_format(cl));
+  at::Tensor y = into_residual ? res : at::empty({N, K, H, W}, x.options().memory_format(cl));
   if (y.numel() == 0) return y;
   const at::Tensor xc = x.contiguous(cl), U = weight_winograd.contiguous(), b = bias.contiguous();
   const at::Tensor zeros = at::zeros({std::max(C, K)}, x.options());
@@ -185,6 +208,8 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
   return y;
 }
 
+}  // namespace
+
 at::Tensor winograd_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 && weight.is_floating_point(),
               "winograd_weight: expected a floating-point (K, C, 3, 3) weight, got ", weight.scalar_type(), " ",
@@ -225,6 +250,7 @@ at::Tensor winograd_weight(const at::Tensor& weight) {
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("conv3x3_bias_act", &winograd_conv3x3);
+  m.impl("conv3x3_bias_act_", &winograd_conv3x3_);
   m.impl("winograd_weight", &winograd_weight);
 }
 

@@ -38,9 +38,24 @@ def conv3x3_bias_act(x: Tensor, weight_winograd: Tensor, bias: Tensor, residual:
     return torch.ops.resnet_fast.conv3x3_bias_act(x, weight_winograd, bias, residual, relu, tiles)
 
 
+def conv3x3_bias_act_(residual: Tensor, x: Tensor, weight_winograd: Tensor, bias: Tensor, relu: bool = True,
+                      tiles: bool | None = None) -> Tensor:
+    """:func:`conv3x3_bias_act` written into ``residual`` (float32, channels_last contiguous, not
+    overlapping ``x``), which it returns: the output transform reads each tile's residual, then
+    stores its outputs in the same place."""
+    if tiles is None:
+        tiles = _routing.winograd_tiles(weight_winograd.shape[1], weight_winograd.shape[2])
+    torch.ops.resnet_fast.conv3x3_bias_act_(residual, x, weight_winograd, bias, relu, tiles)
+    return residual
+
+
 def register() -> None:
-    """Fake kernels of ``resnet_fast::conv3x3_bias_act`` (an inference op: no autograd) and
-    ``resnet_fast::winograd_weight``."""
+    """Fake kernels of ``resnet_fast::conv3x3_bias_act`` and its in-place form (inference ops: no
+    autograd) and ``resnet_fast::winograd_weight``."""
+
+    @torch.library.register_fake("resnet_fast::conv3x3_bias_act_")
+    def _(residual, x, weight_winograd, bias, relu, tiles=False):
+        return None
 
     @torch.library.register_fake("resnet_fast::conv3x3_bias_act")
     def _(x, weight_winograd, bias, residual, relu, tiles=False):

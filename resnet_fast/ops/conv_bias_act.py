@@ -46,8 +46,25 @@ def conv_bias_act(x: Tensor, weight_packed: Tensor, bias: Tensor, residual: Tens
     return torch.ops.resnet_fast.conv_bias_act(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide)
 
 
+def conv_bias_act_(residual: Tensor, x: Tensor, weight_packed: Tensor, bias: Tensor, relu: bool = True,
+                   kernel: int = 1, stride: int = 1, padding: int = 0, wide: bool | None = None) -> Tensor:
+    """:func:`conv_bias_act` written into ``residual`` (float32, channels_last contiguous, not
+    overlapping ``x``), which it returns: each output is stored where its residual was read. Only
+    where ``kernel**2 * C <= 256`` (:data:`resnet_fast._routing.GEMM_SLICE`: the depth is one
+    slice, so no partial sums pass through the output first)."""
+    if wide is None:
+        wide = _routing.gemm_wide_tiles()
+    torch.ops.resnet_fast.conv_bias_act_(residual, x, weight_packed, bias, relu, kernel, stride, padding, wide)
+    return residual
+
+
 def register() -> None:
-    """The fake kernel of ``resnet_fast::conv_bias_act`` (an inference op: no autograd)."""
+    """The fake kernels of ``resnet_fast::conv_bias_act`` and its in-place form (inference ops:
+    no autograd)."""
+
+    @torch.library.register_fake("resnet_fast::conv_bias_act_")
+    def _(residual, x, weight_packed, bias, relu, kernel, stride, padding, wide=False):
+        return None
 
     @torch.library.register_fake("resnet_fast::conv_bias_act")
     def _(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide=False):

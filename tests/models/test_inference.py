@@ -8,8 +8,9 @@ import torch
 import torchvision
 
 import resnet_fast
+from resnet_fast import _routing
 from resnet_fast.nn import functional as rf_functional
-from tests.conftest import requires_extension
+from tests.conftest import op_names, requires_extension
 
 pytestmark = requires_extension
 
@@ -78,12 +79,22 @@ def test_pickle_and_deepcopy_after_folding():
         torch.testing.assert_close(copy.deepcopy(model)(x), expected)
 
 
-def test_block_ends_write_into_their_residual_only_when_the_network_owns_it():
-    """In a whole network's inference forward, block ends add into the residual's storage (as
-    torch.compile's freezing does); the caller's tensors, a block called on its own, and any
-    tensor a hook could hold are never written."""
+# Per architecture: the in-place op its block ends run on this CPU at (2, 3, 64, 64) (ResNet-50's
+# 1x1s by our GEMM where it routes, ResNet-18's 3x3s by Winograd), and a block with its input.
+DONATING = {
+    "resnet50": ("resnet_fast::conv_bias_act_", lambda m: m.layer2[1], (2, 512, 8, 8)),
+    "resnet18": ("resnet_fast::conv3x3_bias_act_", lambda m: m.layer1[1], (2, 64, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(DONATING))
+def test_block_ends_write_into_their_residual_only_when_the_network_owns_it(arch):
+    """In a whole network's inference forward, block ends write into the residual's storage (as
+    torch.compile's freezing does), by oneDNN's in-place post-op or our kernels' in-place forms;
+    the caller's tensors, a block called on its own, and any tensor a hook could hold are never
+    written."""
     torch.manual_seed(0)
-    model = resnet_fast.resnet50().eval()
+    model = getattr(resnet_fast, arch)().eval()
     with resnet_fast.use_backend("eager"):
         ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 64, 64)
@@ -93,9 +104,16 @@ def test_block_ends_write_into_their_residual_only_when_the_network_owns_it():
         expected = ref(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(x, x_before)
+    in_place, pick_block, block_input = DONATING[arch]
+    if _routing.CPU_CAPABILITY in ("AVX2", "AVX512"):  # where our GEMM and Winograd's tiles route
+        def forward():
+            with torch.no_grad():
+                model(torch.randn(2, 3, 64, 64))
+
+        assert in_place in op_names(forward)
     # A block on its own leaves its input alone.
-    block = model.layer2[1]
-    inp = torch.randn(2, 512, 8, 8).contiguous(memory_format=torch.channels_last)
+    block = pick_block(model)
+    inp = torch.randn(*block_input).contiguous(memory_format=torch.channels_last)
     kept = inp.clone()
     with torch.no_grad():
         block(inp)

@@ -130,12 +130,45 @@ def test_opcheck(layout):
     torch.library.opcheck(torch.ops.resnet_fast.conv3x3_bias_act, (x, u, torch.randn(16), residual, True))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("tiles", [False, True], ids=["bmm", "tiles"])
+def test_in_place_writes_the_same_bits_into_the_residual(shape, relu, tiles):
+    n, c, h, w, k = shape
+    x = make_input((n, c, h, w), torch.float32, "channels_last")
+    u, bias = winograd_weight(torch.randn(k, c, 3, 3) / (3 * c**0.5)), torch.randn(k)
+    residual = make_input((n, k, h, w), torch.float32, "channels_last")
+    expected = conv3x3_bias_act(x, u, bias, residual, relu, tiles=tiles)
+    target = residual.clone(memory_format=torch.channels_last)
+    out = resnet_fast.ops.conv3x3_bias_act_(target, x, u, bias, relu, tiles=tiles)
+    assert out is target and torch.equal(target, expected)
+
+
+def test_in_place_is_refused_where_it_cannot_be_done():
+    x = make_input((1, 8, 4, 4), torch.float32, "channels_last")
+    u = winograd_weight(torch.randn(8, 8, 3, 3))
+    with pytest.raises(RuntimeError, match="channels_last contiguous residual"):
+        torch.ops.resnet_fast.conv3x3_bias_act_(torch.randn(1, 8, 4, 4), x, u, torch.randn(8), True)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):  # its own input as the residual
+        torch.ops.resnet_fast.conv3x3_bias_act_(x, x, u, torch.randn(8), True)
+
+
+def test_in_place_opcheck():
+    x = make_input((2, 8, 5, 4), torch.float32, "channels_last")
+    residual = make_input((2, 16, 5, 4), torch.float32, "channels_last")
+    u = winograd_weight(torch.randn(16, 8, 3, 3))
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_bias_act_, (residual, x, u, torch.randn(16), True))
+
+
 def _count(model, x, name):
+    """How many times ``model(x)`` runs op ``name``, its in-place form (a block end written into
+    its residual) included."""
     def forward():
         with torch.inference_mode():
             model(x)
 
-    return op_names(forward).count(name)
+    names = op_names(forward)
+    return names.count(name) + names.count(name + "_")
 
 
 def test_resnet50_inference_runs_its_wide_3x3_convolutions_here():

@@ -168,12 +168,65 @@ def test_opcheck(layout, kernel, stride, padding, k, wide):
     )
 
 
+# (N, C, H, W, K, kernel, stride, padding) whose depth is one slice (kernel^2 * C <= GEMM_SLICE):
+# where conv_bias_act_ may write into its residual.
+ONE_SLICE = [
+    (2, 64, 14, 14, 256, 1, 1, 0),
+    (1, 256, 7, 7, 1024, 1, 1, 0),  # exactly one slice deep; 49 pixels, the panels split between threads
+    (2, 128, 9, 9, 512, 1, 2, 0),
+    (3, 5, 4, 3, 7, 1, 1, 0),  # a partial panel
+    (1, 24, 6, 6, 32, 3, 1, 1),  # a 3x3: nine taps of 24 channels in one slice
+]
+
+
+@pytest.mark.parametrize("shape", ONE_SLICE, ids=str)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("wide", TILES)
+def test_in_place_writes_the_same_bits_into_the_residual(shape, relu, wide):
+    n, c, h, w, k, r, s, p = shape
+    assert r * r * c <= _routing.GEMM_SLICE
+    x = make_input((n, c, h, w), torch.float32, "channels_last")
+    weight, bias = torch.randn(k, c, r, r) / (r * c**0.5), torch.randn(k)
+    residual = make_input((n, k, output_size(h, r, s, p), output_size(w, r, s, p)), torch.float32, "channels_last")
+    packed = pack_conv_weight(weight)
+    expected = conv_bias_act(x, packed, bias, residual, relu, r, s, p, wide=wide)
+    target = residual.clone(memory_format=torch.channels_last)
+    out = resnet_fast.ops.conv_bias_act_(target, x, packed, bias, relu, r, s, p, wide=wide)
+    assert out is target and torch.equal(target, expected)
+
+
+def test_in_place_is_refused_where_it_cannot_be_done():
+    x = make_input((1, 300, 3, 3), torch.float32, "channels_last")
+    packed, bias = pack_conv_weight(torch.randn(32, 300, 1, 1)), torch.randn(32)
+    residual = make_input((1, 32, 3, 3), torch.float32, "channels_last")
+    with pytest.raises(RuntimeError, match=r"only where kernel\^2 \* C <= 256"):  # two slices deep
+        torch.ops.resnet_fast.conv_bias_act_(residual, x, packed, bias, True, 1, 1, 0)
+    x = make_input((1, 16, 3, 3), torch.float32, "channels_last")
+    packed = pack_conv_weight(torch.randn(32, 16, 1, 1))
+    with pytest.raises(RuntimeError, match="channels_last contiguous residual"):
+        torch.ops.resnet_fast.conv_bias_act_(torch.randn(1, 32, 3, 3), x, packed, bias, True, 1, 1, 0)
+    same = make_input((1, 16, 3, 3), torch.float32, "channels_last")
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):  # its own input as the residual
+        torch.ops.resnet_fast.conv_bias_act_(same, same, pack_conv_weight(torch.randn(16, 16, 1, 1)),
+                                             torch.randn(16), True, 1, 1, 0)
+
+
+def test_in_place_opcheck():
+    x = make_input((2, 8, 5, 4), torch.float32, "channels_last")
+    residual = make_input((2, 20, 5, 4), torch.float32, "channels_last")
+    packed = pack_conv_weight(torch.randn(20, 8, 1, 1))
+    torch.library.opcheck(torch.ops.resnet_fast.conv_bias_act_, (residual, x, packed, torch.randn(20), True, 1, 1, 0))
+
+
 def _count(model, x, name):
+    """How many times ``model(x)`` runs op ``name``, its in-place form (a block end written into
+    its residual) included."""
     def forward():
         with torch.inference_mode():
             model(x)
 
-    return op_names(forward).count(name)
+    names = op_names(forward)
+    return names.count(name) + names.count(name + "_")
 
 
 @pytest.mark.skipif(
