@@ -72,41 +72,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // then written where its residual was read, by the same tile, after reading it.
 at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
                      const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
-                     int64_t padding, bool wide, int64_t kc, bool into_residual);
-
-}  // namespace
-
-at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
-                         const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
-                         int64_t padding, bool wide) {
-  return conv_gemm(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, KC, false);
-}
-
-at::Tensor conv_bias_act_sliced(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
-                                const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
-                                int64_t padding, bool wide, int64_t kc) {
-  return conv_gemm(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, kc, false);
-}
-
-namespace {
-
-// conv_bias_act_: the same, written into the residual. Only where the depth is one slice
-// (kernel^2 * C <= KC): with more, a slice's partial sums would overwrite the residual before the
-// last slice adds it.
-void conv_bias_act_(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight_packed,
-                    const at::Tensor& bias, bool relu, int64_t kernel, int64_t stride, int64_t padding, bool wide) {
-  TORCH_CHECK(x.dim() == 4 && kernel * kernel * x.size(1) <= KC, "conv_bias_act_: writes into its residual only "
-              "where kernel^2 * C <= ", KC, " (one slice of the depth), got kernel ", kernel, " and ",
-              x.dim() == 4 ? x.size(1) : -1, " input channels: use conv_bias_act");
-  TORCH_CHECK(residual.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "conv_bias_act_: expected a channels_last contiguous residual (it is written in place), got strides ",
-              residual.strides());
-  at::assert_no_overlap(residual, x);
-  conv_gemm(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, KC, true);
-}
-
-at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
-                     const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
                      int64_t padding, bool wide, int64_t kc, bool into_residual) {
   TORCH_INTERNAL_ASSERT(kc >= 1);
   TORCH_CHECK(x.dim() == 4, "conv_bias_act: expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D");
@@ -222,7 +187,34 @@ at::Tensor conv_gemm(const at::Tensor& x, const at::Tensor& weight_packed, const
   return y;
 }
 
+// conv_bias_act_: the same, written into the residual. Only where the depth is one slice
+// (kernel^2 * C <= KC): with more, a slice's partial sums would overwrite the residual before the
+// last slice adds it.
+void conv_bias_act_(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight_packed,
+                    const at::Tensor& bias, bool relu, int64_t kernel, int64_t stride, int64_t padding, bool wide) {
+  TORCH_CHECK(x.dim() == 4 && kernel * kernel * x.size(1) <= KC, "conv_bias_act_: writes into its residual only "
+              "where kernel^2 * C <= ", KC, " (one slice of the depth), got kernel ", kernel, " and ",
+              x.dim() == 4 ? x.size(1) : -1, " input channels: use conv_bias_act");
+  TORCH_CHECK(residual.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "conv_bias_act_: expected a channels_last contiguous residual (it is written in place), got strides ",
+              residual.strides());
+  at::assert_no_overlap(residual, x);
+  conv_gemm(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, KC, true);
+}
+
 }  // namespace
+
+at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
+                         const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
+                         int64_t padding, bool wide) {
+  return conv_gemm(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, KC, false);
+}
+
+at::Tensor conv_bias_act_sliced(const at::Tensor& x, const at::Tensor& weight_packed, const at::Tensor& bias,
+                                const std::optional<at::Tensor>& residual, bool relu, int64_t kernel, int64_t stride,
+                                int64_t padding, bool wide, int64_t kc) {
+  return conv_gemm(x, weight_packed, bias, residual, relu, kernel, stride, padding, wide, kc, false);
+}
 
 void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
                int64_t depth, int64_t K, const float* zeros, bool wide) {

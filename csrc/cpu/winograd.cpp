@@ -90,28 +90,6 @@ void output_tiles(const Plan& p, int64_t t0, int64_t cnt, const float* M, int64_
 // The op, its output either fresh or (into_residual) the residual's own storage: the output
 // transform reads each tile's residual and then writes its outputs in the same place.
 at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
-                    const std::optional<at::Tensor>& residual, bool relu, bool tiles, bool into_residual);
-
-}  // namespace
-
-at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
-                            const std::optional<at::Tensor>& residual, bool relu, bool tiles) {
-  return winograd(x, weight_winograd, bias, residual, relu, tiles, false);
-}
-
-namespace {
-
-// conv3x3_bias_act_: the same, written into the residual.
-void winograd_conv3x3_(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight_winograd,
-                       const at::Tensor& bias, bool relu, bool tiles) {
-  TORCH_CHECK(residual.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "conv3x3_bias_act_: expected a channels_last contiguous residual (it is written in place), got "
-              "strides ", residual.strides());
-  at::assert_no_overlap(residual, x);
-  winograd(x, weight_winograd, bias, residual, relu, tiles, true);
-}
-
-at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
                     const std::optional<at::Tensor>& residual, bool relu, bool tiles, bool into_residual) {
   TORCH_CHECK(x.dim() == 4, "conv3x3_bias_act: expected a 4-D (N, C, H, W) input, got ", x.dim(), "-D");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight_winograd.scalar_type() == at::kFloat &&
@@ -208,7 +186,22 @@ at::Tensor winograd(const at::Tensor& x, const at::Tensor& weight_winograd, cons
   return y;
 }
 
+// conv3x3_bias_act_: the same, written into the residual.
+void winograd_conv3x3_(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight_winograd,
+                       const at::Tensor& bias, bool relu, bool tiles) {
+  TORCH_CHECK(residual.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "conv3x3_bias_act_: expected a channels_last contiguous residual (it is written in place), got "
+              "strides ", residual.strides());
+  at::assert_no_overlap(residual, x);
+  winograd(x, weight_winograd, bias, residual, relu, tiles, true);
+}
+
 }  // namespace
+
+at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winograd, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& residual, bool relu, bool tiles) {
+  return winograd(x, weight_winograd, bias, residual, relu, tiles, false);
+}
 
 at::Tensor winograd_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 && weight.is_floating_point(),

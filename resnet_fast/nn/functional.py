@@ -250,17 +250,18 @@ def conv_bn_act(
     if residual is not None and (residual_stride != 1 or residual.shape[1] != conv.out_channels):
         residual = ops.zero_pad_shortcut(residual, conv.out_channels, residual_stride)
     # A block end whose residual is the network's own writes its output into the residual's
-    # storage: no fresh buffer whose lines are fetched from memory before they are written. On the
-    # Zen 4 (2 cores) our GEMM's block-end 1x1s out of cache ran 1.09-1.18x as fast that way as
-    # writing a new tensor (bench/test_ops.py::test_block_end_in_place_inference); interleaved
-    # whole forwards with our ops' in-place forms against without (2026-12-04): ResNet-18 b1
-    # 1.009x (1000 pairs), b8 1.011x; ResNet-50 b1 1.0095x (800 pairs); ResNet-101 b1 1.000x;
-    # ResNet-56 b128 1.010x.
+    # storage, whichever kernel runs it: no fresh buffer whose lines are fetched from memory before
+    # they are written. On the Zen 4 (2 cores) our GEMM's block-end 1x1s out of cache ran
+    # 1.09-1.18x as fast that way as writing a new tensor (bench/test_ops.py::
+    # test_block_end_in_place_inference); interleaved whole forwards with our ops' in-place forms
+    # against without (2026-12-04): ResNet-18 b1 1.009x (1000 pairs), b8 1.011x; ResNet-50 b1
+    # 1.0095x (800 pairs); ResNet-101 b1 1.000x; ResNet-56 b128 1.010x.
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
     donate = (
         residual is not None
         and _DONATE_RESIDUALS.get()
         and residual.dtype == x.dtype
-        and residual.is_contiguous(memory_format=torch.channels_last)
         and residual.data_ptr() != x.data_ptr()
     )
     if path == "winograd":
@@ -275,8 +276,7 @@ def conv_bn_act(
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [None], "")
-    residual = residual.contiguous(memory_format=torch.channels_last)
-    if _DONATE_RESIDUALS.get() and residual.dtype == x.dtype and residual.shape[1] == conv.out_channels:
+    if donate:
         return torch.ops.mkldnn._convolution_pointwise_.binary(
             residual, x, weight, bias, *args, "add", None, "relu" if relu else None, [], ""
         )
