@@ -5,18 +5,14 @@ to the kernel (it trims the top of its heap once more than 2x its mmap threshold
 so the next forward's buffers fault their pages in again: at ResNet-50 batch 8, 13,700-15,400
 minor faults (about 60 MB) and 26-30 ms of system time per 245-ms forward on a 2-core Xeon
 (2026-12-01). ONNX Runtime and OpenVINO allocate from arenas of their own and pay nothing of the
-kind. :func:`keep_freed_memory` sets glibc's trim threshold to 1 GiB and turns its mmap off
-(``M_MMAP_MAX`` 0): every buffer comes from the heap and a freed one stays there for the next
-forward (ResNet-50 b8 inference: 0 faults, 0.5 ms of system time, the forward 7% faster). Its
-mmap threshold alone (at most 32 MiB) left the larger buffers mapped afresh each time: a ResNet-50
-batch-16 training step, whose first stage's activations are 51 MB each, faulted 60,000-156,000
-pages in and spent 0.19-0.35 s in the kernel a step with the threshold alone, 4,500 and 0.03 s
-with mmap off, the step 2.38 -> 2.17 s (the Zen 4, 2026-12-05), its peak resident size the same
-(2,563 and 2,568 MiB).
+kind. :func:`keep_freed_memory` sets glibc's trim threshold to 1 GiB and its mmap threshold to
+32 MiB (its largest, so that what dynamic tuning would reach is fixed from the start): buffers up
+to 32 MiB come from the heap and freed ones stay there for reuse (ResNet-50 b8: 0 faults, 0.5 ms
+of system time, the forward 7% faster).
 
-It changes a setting of the whole process, once, on the first forward of a fused CPU model
-(inference or training): the process's resident memory then stays near its peak instead of
-falling between forwards, as under an arena (the peak itself is unchanged). ``RESNET_FAST_KEEP_FREED_MEMORY=0``
+It changes a setting of the whole process, once, on the first inference forward of a fused CPU
+model: the process's resident memory then stays near its peak instead of falling between
+forwards, as under an arena (the peak itself is unchanged). ``RESNET_FAST_KEEP_FREED_MEMORY=0``
 (read at import) leaves malloc as it is; on other C libraries it does nothing.
 """
 
@@ -32,10 +28,8 @@ ENABLED = os.environ.get("RESNET_FAST_KEEP_FREED_MEMORY", "1").strip() not in ("
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_M_MMAP_MAX = -4
 TRIM_THRESHOLD = 1 << 30
 MMAP_THRESHOLD = 32 << 20  # glibc's upper limit for it on 64-bit (HEAP_MAX_SIZE / 2)
-MMAP_MAX = 0  # no request is served by mmap: above the threshold too, freed buffers are reused
 
 _state: bool | None = None  # None: not tried yet
 
@@ -57,8 +51,6 @@ def keep_freed_memory() -> bool:
     if _state is None:
         libc = _glibc() if ENABLED else None
         _state = libc is not None and (
-            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-            and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-            and libc.mallopt(_M_MMAP_MAX, MMAP_MAX) == 1
+            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
         )
     return _state

@@ -88,8 +88,6 @@ def _bn_act(
         return _unfused_bn_act(x, bn, residual, relu, residual_stride), None
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D input (N, C, H, W) to {bn}, got shape {tuple(x.shape)}")
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        _memory.keep_freed_memory()  # once per process: the next steps' buffers reuse this one's
     momentum, use_batch_stats, track = _step_momentum(bn)
     y, mean, var = ops.batch_norm_act(
         x,
