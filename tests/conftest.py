@@ -1,5 +1,7 @@
 import contextlib
+import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -20,6 +22,16 @@ def _isolated():
     previous = resnet_fast.get_backend()
     yield
     resnet_fast.set_backend(previous)
+
+
+def import_bench(name: str):
+    """A script of bench/ (profile_layers, profile_training, gpu_check) imported as a module."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")

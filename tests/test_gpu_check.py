@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.conftest import import_bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
 STAGES = ["machine", "ceilings", "build", "tests", "bench", "summary"]
@@ -44,11 +46,7 @@ def test_a_rehearsal_summary_lists_every_stage_and_reports_an_overrun(tmp_path):
 
 
 def test_the_budgets_fit_the_lease():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
+    gpu_check = import_bench("gpu_check")
     assert sum(gpu_check.BUDGETS.values()) <= 8 * 60
     assert sum(g[2] for g in gpu_check.TEST_GROUPS) <= gpu_check.BUDGETS["tests"]
     assert sum(g[2] for g in gpu_check.BENCH_GROUPS) <= gpu_check.BUDGETS["bench"]

@@ -3,8 +3,6 @@ several entry points; twice a new one fell into 'rest' unseen), the planned forw
 matched with them, and each runtime's times land on the same keys as ours."""
 
 import collections
-import os
-import sys
 
 import pytest
 import torch
@@ -12,8 +10,7 @@ import torchvision
 
 import resnet_fast
 from resnet_fast import _backend, _routing
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import import_bench
 
 pytestmark = pytest.mark.skipif(
     not _backend.extension_available(), reason=f"the C++ extension is not built: {_backend.extension_error()}"
@@ -22,12 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def profile_layers():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import profile_layers
-    finally:
-        sys.path.pop(0)
-    return profile_layers
+    return import_bench("profile_layers")
 
 
 @pytest.fixture(scope="module")

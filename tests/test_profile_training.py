@@ -1,16 +1,13 @@
 """bench/profile_training.py's bookkeeping: the floor's multiply-adds (each convolution's three
 passes, Winograd's where the training plan runs it) and which ops count as the convolutions."""
 
-import os
-import sys
 
 import pytest
 import torch
 
 import resnet_fast
 from resnet_fast import _backend, _routing
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import import_bench
 
 pytestmark = pytest.mark.skipif(
     not _backend.extension_available(), reason=f"the C++ extension is not built: {_backend.extension_error()}"
@@ -19,12 +16,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def profile_training():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import profile_training
-    finally:
-        sys.path.pop(0)
-    return profile_training
+    return import_bench("profile_training")
 
 
 def forward_macs(arch, shape):
