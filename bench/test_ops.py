@@ -143,7 +143,9 @@ def test_conv3x3_fwd_bwd(benchmark, shape, out_channels, stride):
         return f
 
     plan = _routing.conv3x3_train_plan(x, w, stride)
-    what = "no plan: PyTorch's" if plan is None else ("winograd " if plan.winograd else "") + ("our wgrad" if plan.weight_grad_kernel else "")
+    parts = {"winograd": "winograd", "weight_grad_kernel": "our wgrad", "weight_grad_winograd": "winograd wgrad",
+             "input_grad_forward": "dgrad by the forward"}
+    what = "no plan: PyTorch's" if plan is None else ", ".join(v for k, v in parts.items() if getattr(plan, k))
     compare(
         benchmark,
         f"conv3x3_train fwd+bwd {shape}->{out_channels} stride {stride} ({what.strip()})",
@@ -153,6 +155,25 @@ def test_conv3x3_fwd_bwd(benchmark, shape, out_channels, stride):
         pairs=30,
         rounds=10,
     )
+
+
+@pytest.mark.parametrize(
+    "shape", [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8), (16, 64, 56, 56), (16, 256, 14, 14)], ids=str
+)
+def test_conv3x3_weight_grad_winograd(benchmark, shape):
+    """The stride-1 3x3 weight gradient alone (ResNet-20's at batch 128, ResNet-50's at batch 16),
+    channels_last float32: Winograd F(2x2, 3x3) against oneDNN's (what PyTorch's convolution
+    backward runs). The routing takes Winograd's from 32 channels
+    (resnet_fast._routing.WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS): the 16-channel row shows why."""
+    if _routing.CPU_CAPABILITY != "AVX512":
+        pytest.skip("the Winograd weight gradient needs AVX-512")
+    cl = torch.channels_last
+    x = torch.randn(shape).relu().contiguous(memory_format=cl)
+    grad = torch.randn(shape).contiguous(memory_format=cl)
+    op = torch.ops.resnet_fast.conv3x3_weight_grad
+    compare(benchmark, f"conv3x3 weight gradient {shape}->{shape[1]} stride 1 (winograd)", shape[0],
+            lambda: op(grad, x, 1, False, winograd=True), {"oneDNN": lambda: op(grad, x, 1, False)},
+            pairs=30, rounds=10)
 
 
 @pytest.mark.parametrize("shape", [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)], ids=str)

@@ -211,7 +211,7 @@ class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
 using OptTensor = std::optional<at::Tensor>;
 using Conv3x3Signature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool, const OptTensor&,
                                     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool,
-                                    const OptTensor&, int64_t, int64_t, bool);
+                                    const OptTensor&, int64_t, int64_t, bool, bool, bool);
 
 // x = relu(batch_norm(bn_input)) again, as batch_norm_act made it for a convolution that did not
 // keep it: under create_graph as the forward ran it (batch statistics recomputed, differentiable
@@ -234,13 +234,14 @@ const c10::TypedOperatorHandle<Conv3x3Signature>& conv3x3_op() {
 at::Tensor call_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd, bool kernel,
                         bool tiles) {
   return conv3x3_op().call(x, weight, stride, winograd, kernel, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
-                           std::nullopt, 0.0, true, std::nullopt, 1, 0, tiles);
+                           std::nullopt, 0.0, true, std::nullopt, 1, 0, tiles, false, false);
 }
 
 // conv3x3_train: at stride 1 the input gradient is the op itself on the flipped, transposed weight
 // (so Winograd runs it where it runs the forward: C and K swap, and the rule is symmetric in them;
 // double backward differentiates it again); at stride 2 it is ATen's (oneDNN's backward-data).
-// The weight gradient is conv3x3_weight_grad, by our kernel where the caller's plan says so.
+// The weight gradient is conv3x3_weight_grad, by Winograd or our direct kernel where the caller's
+// plan says so.
 // Where x is relu(batch_norm(bn_input)) (the bn_* arguments), x is not kept: the weight gradient
 // recomputes it from bn_input, bit for bit, inside our kernel (its prologue) or whole before ATen's;
 // under create_graph (a second derivative to come) x is recomputed by batch_norm_act itself, so that
@@ -254,7 +255,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
                                const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& bn_mean,
                                const OptTensor& bn_var, double bn_eps, bool bn_training,
                                const OptTensor& bn_conv_weight, int64_t bn_conv_stride, int64_t bn_conv_padding,
-                               bool winograd_tiles) {
+                               bool winograd_tiles, bool weight_grad_winograd, bool input_grad_forward) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool recompute = bn_input.has_value();
     if (recompute)
@@ -271,17 +272,19 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     ctx->saved_data["winograd"] = winograd;
     ctx->saved_data["winograd_tiles"] = winograd_tiles;
     ctx->saved_data["weight_grad_kernel"] = weight_grad_kernel;
+    ctx->saved_data["weight_grad_winograd"] = weight_grad_winograd;
+    ctx->saved_data["input_grad_forward"] = input_grad_forward;
     ctx->saved_data["recompute"] = recompute;
     ctx->saved_data["bn_eps"] = bn_eps;
     ctx->saved_data["bn_training"] = bn_training;
     return {conv3x3_op().call(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
                               bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding,
-                              winograd_tiles)};
+                              winograd_tiles, weight_grad_winograd, input_grad_forward)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     using WeightGradSignature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, const OptTensor&,
-                                           const OptTensor&, const OptTensor&, const OptTensor&, double);
+                                           const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
     static const auto weight_grad_op = c10::Dispatcher::singleton()
                                            .findSchemaOrThrow("resnet_fast::conv3x3_weight_grad", "")
                                            .typed<WeightGradSignature>();
@@ -294,16 +297,17 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     const int64_t stride = ctx->saved_data["stride"].toInt();
     const bool winograd = ctx->saved_data["winograd"].toBool();
     const bool kernel = ctx->saved_data["weight_grad_kernel"].toBool();
+    const bool wgrad_winograd = ctx->saved_data["weight_grad_winograd"].toBool();
     const bool recompute = ctx->saved_data["recompute"].toBool();
     at::Tensor grad_x, grad_weight;
     if (ctx->needs_input_grad(0)) {
-      // At stride 1 in the plans with a kernel of ours, the convolution with the flipped, transposed
-      // weight (Winograd's, or oneDNN's forward; its own weight gradient, needed only in a double
+      // At stride 1 in the plans with a kernel of ours or `input_grad_forward`, the convolution with
+      // the flipped, transposed weight (Winograd's, or oneDNN's forward; its own weight gradient, needed only in a double
       // backward, is ATen's: our kernel's channel rules are not symmetric in C and K). Otherwise
       // ATen's input gradient, as PyTorch's convolution runs it: the plan (False, False), which runs
       // our op only to recompute x, would pay for the flipped weight's copy (512 x 512 channels:
       // 10 ms a call, the input gradient 12 ms). It reads only x's shape, which bn_input shares.
-      if (stride == 1 && (winograd || kernel)) {
+      if (stride == 1 && (winograd || kernel || ctx->saved_data["input_grad_forward"].toBool())) {
         grad_x = call_conv3x3(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false,
                               ctx->saved_data["winograd_tiles"].toBool());
       } else {
@@ -320,7 +324,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     if (ctx->needs_input_grad(1)) {
       if (!recompute) {
         grad_weight = weight_grad_op.call(grads[0], x, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
-                                          std::nullopt, 0.0);
+                                          std::nullopt, 0.0, wgrad_winograd);
       } else {
         const at::Tensor &bn_weight = saved[2], &bn_bias = saved[3], &mean = saved[4], &var = saved[5];
         const double eps = ctx->saved_data["bn_eps"].toDouble();
@@ -331,15 +335,16 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
         if (at::GradMode::is_enabled()) {
           const at::Tensor input = recompute_bn_relu(x, bn_weight, bn_bias, mean, var, eps, training);
           grad_weight = weight_grad_op.call(grads[0], input, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
-                                            std::nullopt, 0.0);
+                                            std::nullopt, 0.0, wgrad_winograd);
         } else {
-          grad_weight = weight_grad_op.call(grads[0], x, stride, kernel, bn_weight, bn_bias, mean, var, eps);
+          grad_weight =
+              weight_grad_op.call(grads[0], x, stride, kernel, bn_weight, bn_bias, mean, var, eps, wgrad_winograd);
         }
       }
       if (!grad_weight.is_contiguous(weight.suggest_memory_format()))  // the parameter's own layout
         grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
     }
-    variable_list out(16);  // one per argument: x and weight get gradients; bn_* make x, which carries them
+    variable_list out(18);  // one per argument: x and weight get gradients; bn_* make x, which carries them
     out[0] = grad_x;
     out[1] = grad_weight;
     return out;
@@ -350,10 +355,11 @@ at::Tensor conv3x3_train_autograd(const at::Tensor& x, const at::Tensor& weight,
                                   bool weight_grad_kernel, const OptTensor& bn_input, const OptTensor& bn_weight,
                                   const OptTensor& bn_bias, const OptTensor& bn_mean, const OptTensor& bn_var,
                                   double bn_eps, bool bn_training, const OptTensor& bn_conv_weight,
-                                  int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles) {
+                                  int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles,
+                                  bool weight_grad_winograd, bool input_grad_forward) {
   return Conv3x3Train::apply(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
                              bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding,
-                             winograd_tiles)[0];
+                             winograd_tiles, weight_grad_winograd, input_grad_forward)[0];
 }
 
 // conv1x1_train: x = relu(batch_norm(bn_input)) is not kept. The input gradient is ATen's

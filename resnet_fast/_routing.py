@@ -221,8 +221,11 @@ WINOGRAD_TRAIN_MAX_WEIGHTS = 256 * 256
 # 14x14 and more only. Fwd+bwd against F.conv2d's, interleaved, on the Xeon: (16, 64, 56, 56)
 # 1.15x, (16, 128, 28, 28) 1.10x, (16, 256, 14, 14) 1.08x, but ResNet-20's (128, 64, 8, 8)
 # 1.02x (bench/test_ops.py: 0.99x) (2026-12-01); on the Zen 4 that shape's forward / input
-# gradient took 1.08 / 0.98 of oneDNN's time. On AVX2 it paid everywhere (1.22-1.24x).
-WINOGRAD_TRAIN_AVX512_MIN_MAP = 14
+# gradient took 1.08 / 0.98 of oneDNN's time. On AVX2 it paid everywhere (1.22-1.24x). On a 2-core
+# AMD EPYC whose oneDNN forward runs at 410-460 GFLOP/s (2026-12-07) that 8x8 shape's forward took
+# 0.99 ms by our tiles against oneDNN's 1.46 (its input gradient, the same shape, against 1.36), and
+# the ResNet-20 b128 step ran 1.06x faster with it: the maps from 8x8 on, neutral on the others.
+WINOGRAD_TRAIN_AVX512_MIN_MAP = 8
 # Our AVX2 weight gradient (csrc/cpu/conv3x3_train.cpp): a vector of 8 input channels lies within
 # one tap (C % 8 == 0), the register tile holds 4 output channels (K % 4 == 0), and beyond 128
 # input channels the tiles sweep too few pixels per load of their accumulators: oneDNN's is faster
@@ -368,6 +371,47 @@ def weight_grad_kernel_applies(in_channels: int, out_channels: int) -> bool:
     )
 
 
+# The stride-1 3x3 weight gradient by Winograd F(2x2, 3x3) (csrc/cpu/winograd.cpp: 16 multiplies per
+# 2x2 outputs and channel pair where the direct one does 36), on AVX-512 CPUs with channel counts
+# multiples of 16, from WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS in and out, up to training's Winograd
+# weight count (its per-thread sums are 16 x C x K floats). Against oneDNN's (2-core AMD EPYC whose
+# oneDNN forward reaches 410-460 GFLOP/s, 2026-12-07; bench/test_ops.py): ResNet-20's (128, 32,
+# 16, 16) 1.47 against 2.55 ms, (128, 64, 8, 8) 1.19 against 1.63; ResNet-50's at batch 16
+# (64, 56, 56) 6.0 against 10.9, (128, 28, 28) 5.7 against 9.6, (256, 14, 14) 6.9 against 8.7.
+# At 16 channels (128, 16, 32, 32) it took 2.72 against 1.48: its transforms, not its products,
+# then take most of the time.
+WINOGRAD_WEIGHT_GRAD = True
+WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS = 32
+
+
+def weight_grad_winograd_applies(in_channels: int, out_channels: int, stride: int) -> bool:
+    """Whether the 3x3 weight gradient runs by Winograd (see WINOGRAD_WEIGHT_GRAD)."""
+    c, k = in_channels, out_channels
+    return (
+        WINOGRAD_WEIGHT_GRAD
+        and _AVX512
+        and stride == 1
+        and c % 16 == 0
+        and k % 16 == 0
+        and min(c, k) >= WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS
+        and c * k <= WINOGRAD_TRAIN_MAX_WEIGHTS
+    )
+
+
+# At stride 1 the input gradient is the convolution of the output gradient with the flipped,
+# transposed weight: oneDNN's forward runs it faster than its backward-data where channels are few
+# (ResNet-20's (128, 16, 32, 32): 2.19 against 3.49 ms; same machine and day as above), and as fast
+# on ResNet-50's 64- to 256-channel 3x3s (within 5%). The flipped weight is a copy made at each call
+# (512 x 512 channels: 10 ms), hence the weight count's cap.
+INPUT_GRAD_FORWARD = True
+
+
+def input_grad_forward_applies(in_channels: int, out_channels: int, stride: int) -> bool:
+    """Whether the stride-1 3x3 input gradient runs as the forward on the flipped weight (see
+    INPUT_GRAD_FORWARD); with Winograd or our weight gradient's kernel it does anyway."""
+    return INPUT_GRAD_FORWARD and stride == 1 and in_channels * out_channels <= WINOGRAD_TRAIN_MAX_WEIGHTS
+
+
 # Issue 18's fusion across the convolution in training, on GPUs: a residual block's convolutions
 # by ``norm_conv`` (Triton), each BatchNorm's statistics reduced in its convolution's epilogue and
 # its scale, shift and ReLU applied in the next one's prologue, the backward fused the same way.
@@ -428,6 +472,17 @@ class Conv3x3Plan(NamedTuple):
     winograd: bool
     weight_grad_kernel: bool
     winograd_tiles: bool = False
+    weight_grad_winograd: bool = False
+    input_grad_forward: bool = False
+
+    def op_kwargs(self) -> dict:
+        """The op's keyword arguments for this plan (``winograd`` and ``weight_grad_kernel`` are
+        positional)."""
+        return {
+            "winograd_tiles": self.winograd_tiles,
+            "weight_grad_winograd": self.weight_grad_winograd,
+            "input_grad_forward": self.input_grad_forward,
+        }
 
 
 def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int, source_impl: str | None = None) -> Conv3x3Plan | None:
@@ -454,7 +509,11 @@ def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int, source_impl: str 
     k, c = weight.shape[0], weight.shape[1]
     winograd = winograd_applies(c, k, stride, training=True, map_size=min(x.shape[2], x.shape[3]))
     plan = Conv3x3Plan(
-        winograd, weight_grad_kernel_applies(c, k), winograd and winograd_tiles(c, k) and winograd_tiles(k, c)
+        winograd,
+        weight_grad_kernel_applies(c, k),
+        winograd and winograd_tiles(c, k) and winograd_tiles(k, c),
+        weight_grad_winograd_applies(c, k, stride),
+        input_grad_forward_applies(c, k, stride),
     )
     return plan if any(plan) or (RECOMPUTE_CONV_INPUT and source_impl == "cpu") else None
 

@@ -4,7 +4,8 @@
 // Winograd F(2x2, 3x3)'s (winograd.cpp, its 16 products by our register tiles or at::bmm as the plan
 // says; the input gradient is the convolution with the flipped, transposed weight,
 // csrc/autograd.cpp); the weight gradient our AVX2 kernel below (oneDNN ran
-// ResNet-20's at 125-140 GFLOP/s, about two thirds of this CPU's peak) or ATen's.
+// ResNet-20's at 125-140 GFLOP/s, about two thirds of this CPU's peak), Winograd F(2x2, 3x3)'s
+// at stride 1 on AVX-512 CPUs (winograd_weight_grad in winograd.cpp), or ATen's.
 // Formula: resnet_fast.ops.reference.conv3x3_weight_grad.
 //
 //   dW[k, c, r, s] = sum over n, h, w of dy[n, k, h, w] * x[n, c, h*stride + r - 1, w*stride + s - 1]
@@ -210,7 +211,7 @@ bool kernel_can_run(const at::Tensor& grad_out, const at::Tensor& x) {
 at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, int64_t stride, bool kernel,
                                    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
                                    const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
-                                   double bn_eps) {
+                                   double bn_eps, bool winograd) {
   TORCH_CHECK(input.dim() == 4 && grad_out.dim() == 4,
               "conv3x3_weight_grad: expected 4-D (N, C, H, W) tensors, got x of ", input.dim(), "-D and grad_out of ",
               grad_out.dim(), "-D");
@@ -235,6 +236,17 @@ at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor&
               " (3x3, padding 1, stride ", stride, ": expected (", N, ", K, ", conv_out_size(H, stride), ", ",
               conv_out_size(W, stride), "))");
   const auto cl = at::MemoryFormat::ChannelsLast;
+  if (winograd) {
+    TORCH_CHECK(stride == 1, "conv3x3_weight_grad: the Winograd weight gradient runs stride 1 only, got stride ",
+                stride, " (pass winograd=False)");
+    // Without AVX-512 the request goes to ATen's, as our direct kernel's does without AVX2.
+    if (use_avx512()) {
+      std::optional<ReluAffineRows> rows;
+      if (prologue) rows.emplace(scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), C);
+      return winograd_weight_grad(grad_out, input, rows.has_value() ? &*rows : nullptr);
+    }
+    kernel = false;
+  }
   // The prologue runs inside our kernel on a channels_last x; anywhere else x is recomputed whole,
   // by the same apply pass in x's layout (the forward's, bit for bit).
   const bool in_kernel =
@@ -275,7 +287,8 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
                              const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
                              const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
                              double /*bn_eps*/, bool /*bn_training*/, const std::optional<at::Tensor>& bn_conv_weight,
-                             int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles) {
+                             int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles,
+                             bool /*weight_grad_winograd*/, bool /*input_grad_forward*/) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "conv3x3_train: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
   TORCH_CHECK(!bn_conv_weight.has_value() || bn_input.has_value(),

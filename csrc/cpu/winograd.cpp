@@ -2,8 +2,10 @@
 // an optional residual and ReLU as its epilogue: the inference op conv3x3_bias_act (formula:
 // resnet_fast.ops.reference.conv3x3_bias_act; the BatchNorm-folded weight transformed once by
 // the op winograd_weight below and cached), and training's conv3x3_train forward and input
-// gradient (conv3x3_train.cpp; the weight transformed at each call by the same winograd_weight).
-// Where Winograd runs is decided by the caller (resnet_fast._routing.winograd_applies).
+// gradient (conv3x3_train.cpp; the weight transformed at each call by the same winograd_weight),
+// and training's stride-1 weight gradient (winograd_weight_grad, at the end of this file).
+// Where Winograd runs is decided by the caller (resnet_fast._routing.winograd_applies,
+// weight_grad_winograd_applies).
 //
 // Each 2x2 output tile t comes from a 4x4 input tile d: Y = A^T [ (G g G^T) . (B^T d B) ] A,
 // so a convolution becomes, per tile block, an input transform V[xi][t][c] (xi: the 16 positions
@@ -29,13 +31,19 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu/winograd.h"
+#include "cpu/batch_norm_act.h"
 #include "cpu/conv_gemm.h"
 #include "cpu/isa.h"
+#include "cpu/winograd.h"
+
+#ifdef RESNET_FAST_AVX2
+#include <immintrin.h>
+#endif
 
 namespace resnet_fast {
 
 #define RF_KERNELS "cpu/winograd_kernels.inc"
+#define RF_KERNELS_AVX512
 #include "cpu/isa_kernels.h"
 
 namespace {
@@ -239,6 +247,130 @@ at::Tensor winograd_weight(const at::Tensor& weight) {
     });
   });
   return U;
+}
+
+// -- the weight gradient -----------------------------------------------------------------------
+// dW = G^T [ sum over tiles t of (A dY_t A^T) . (B^T d_t B) ] G, the forward's Y = A^T [U . V] A
+// differentiated through U = G g G^T: per block of tiles, the input transform V (input_tile, as
+// the forward's) and the output gradient's Ud (grad_tile), then for each of the 16 positions xi
+// M[xi] (K x C) += Ud[xi]^T V[xi] (weight_grad_products: 16 multiplies per tile and channel pair
+// where the direct weight gradient does 36), and at the end the 3x3 taps G^T M G per (k, c), in
+// float64, rounded once.
+//
+// Work items are (image, band of tile rows); each thread sums its items into its own M (16 x K x C
+// floats), the threads' M are added at the end. With a BatchNorm prologue, x is that BatchNorm's
+// input: a band's input rows (its 2 halo rows included) go through the BatchNorm's own apply loop
+// (ReluAffineRows, bit for bit the forward's) into a per-thread buffer that the input transform reads.
+
+namespace {
+
+struct GradPlan {
+  int64_t N, C, H, W, K, TH, TW;
+  int64_t band;  // tile rows per work item
+  const float* x;
+  const float* dy;
+  const float* zeros;  // max(C, K) zeros
+  const ReluAffineRows* prologue;
+};
+
+// Tile rows [ty0, ty1) of image n into thread-local M (16 x K x C), through V and Ud (16 planes of
+// the band's tiles x C, resp. K, floats, as the forward's V) and, with a prologue, buf (the band's
+// input rows). (Tile-major V and Ud, a tile's 16 rows one after another, ran the 16-channel
+// (128, 16, 32, 32) in 0.78x the time but the 32- to 256-channel shapes in 1.11-1.39x.)
+void weight_grad_band(const GradPlan& p, int64_t n, int64_t ty0, int64_t ty1, float* M, float* V, float* Ud,
+                      float* buf) {
+  const int64_t C = p.C, K = p.K, W = p.W;
+  const int64_t row0 = std::max<int64_t>(0, 2 * ty0 - 1), row1 = std::min<int64_t>(p.H, 2 * ty1 + 1);
+  const float* rows = p.x + (n * p.H + row0) * W * C;  // input row row0's first pixel
+  if (p.prologue != nullptr) {
+    (*p.prologue)(rows, buf, (row1 - row0) * W);
+    rows = buf;
+  }
+  const int64_t cnt = (ty1 - ty0) * p.TW;
+  // V's and Ud's planes a band's tiles apart (plus one: see input_scratch), a tile's row within one.
+  const int64_t vp = (p.band * p.TW + 1) * C, up = (p.band * p.TW + 1) * K;
+  for (int64_t q = 0; q < cnt; ++q) {
+    const int64_t ty = ty0 + q / p.TW, tx = q % p.TW;
+    const float* px[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int64_t h = 2 * ty - 1 + i, w = 2 * tx - 1 + j;
+        px[i][j] = (h >= 0 && h < p.H && w >= 0 && w < W) ? rows + ((h - row0) * W + w) * C : p.zeros;
+      }
+    RF_ISA(input_tile)(px, V + q * C, vp, C);
+    const float* g[2][2];
+    for (int a = 0; a < 2; ++a)
+      for (int b = 0; b < 2; ++b) {
+        const int64_t h = 2 * ty + a, w = 2 * tx + b;
+        g[a][b] = (h < p.H && w < W) ? p.dy + ((n * p.H + h) * W + w) * K : p.zeros;
+      }
+    RF_ISA(grad_tile)(g, Ud + q * K, up, K);
+  }
+#ifdef RESNET_FAST_AVX2
+  for (int64_t xi = 0; xi < 16; ++xi)
+    cpu_avx512::weight_grad_products(Ud + xi * up, K, V + xi * vp, C, cnt, M + xi * K * C, C, K, C);
+#endif
+}
+
+}  // namespace
+
+bool winograd_weight_grad_can_run(int64_t C, int64_t K) { return use_avx512() && C % 16 == 0 && K % 16 == 0; }
+
+at::Tensor winograd_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const ReluAffineRows* prologue) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = grad_out.size(1);
+  TORCH_CHECK(winograd_weight_grad_can_run(C, K) && x.scalar_type() == at::kFloat &&
+                  grad_out.scalar_type() == at::kFloat,
+              "conv3x3_weight_grad: the Winograd weight gradient takes float32 with input and output channels "
+              "multiples of 16 on a CPU with AVX-512, got ", x.scalar_type(), " with ", C, " and ", K,
+              " (pass winograd=False)");
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({N, K, H, W}),
+              "conv3x3_weight_grad: the Winograd weight gradient is stride 1's: expected grad_out of shape (", N,
+              ", ", K, ", ", H, ", ", W, "), got ", grad_out.sizes());
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor out = at::empty({K, C, 3, 3}, x.options().memory_format(cl));
+  if (N == 0 || H == 0 || W == 0) return out.zero_();
+  const at::Tensor xc = x.contiguous(cl), gc = grad_out.contiguous(cl);
+  const at::Tensor zeros = at::zeros({std::max(C, K)}, x.options());
+  const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2;
+  // A band's V and Ud (16 x tiles x (C + K) floats) about 512 KB: in L2 while the products sweep them.
+  const int64_t target = std::max<int64_t>(1, 8192 / (C + K));
+  const int64_t band = std::clamp<int64_t>(target / TW, 1, TH);
+  const GradPlan p{N, C, H, W, K, TH, TW, band, xc.const_data_ptr<float>(), gc.const_data_ptr<float>(),
+                   zeros.const_data_ptr<float>(), prologue};
+  const int64_t bands = (TH + band - 1) / band, threads = at::get_num_threads(), size = 16 * K * C;
+  std::vector<float> acc(size_t(threads) * size, 0.f);
+  at::parallel_for(0, N * bands, 1, [&](int64_t i0, int64_t i1) {
+    const int64_t tiles = band * TW;
+    std::vector<float> V(size_t(tiles + 1) * 16 * C), Ud(size_t(tiles + 1) * 16 * K);
+    std::vector<float> buf(prologue == nullptr ? 0 : size_t(2 * band + 2) * W * C);
+    float* M = acc.data() + size_t(at::get_thread_num()) * size;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / bands, ty0 = i % bands * band;
+      weight_grad_band(p, n, ty0, std::min(TH, ty0 + band), M, V.data(), Ud.data(), buf.data());
+    }
+  });
+  // dW[k, c, r, s] = sum over i, j of G[i][r] M[4i + j][k][c] G[j][s], in channels_last order.
+  static const double G[4][3] = {{1., 0., 0.}, {.5, .5, .5}, {.5, -.5, .5}, {0., 0., 1.}};
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t c = 0; c < C; ++c) {
+        double m[16];
+        for (int xi = 0; xi < 16; ++xi) {
+          double s = 0;
+          for (int64_t t = 0; t < threads; ++t) s += acc[size_t(t) * size + (xi * K + k) * C + c];
+          m[xi] = s;
+        }
+        for (int r = 0; r < 3; ++r)
+          for (int s = 0; s < 3; ++s) {
+            double v = 0;
+            for (int i = 0; i < 4; ++i)
+              for (int j = 0; j < 4; ++j) v += G[i][r] * m[4 * i + j] * G[j][s];
+            o[(k * 9 + r * 3 + s) * C + c] = static_cast<float>(v);
+          }
+      }
+  });
+  return out;
 }
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {

@@ -17,4 +17,13 @@ at::Tensor winograd_conv3x3(const at::Tensor& x, const at::Tensor& weight_winogr
 // float64 and rounded once (the op resnet_fast::winograd_weight; inference caches it).
 at::Tensor winograd_weight(const at::Tensor& weight);
 
+class ReluAffineRows;
+
+// The weight gradient dW (K, C, 3, 3, channels_last) of the stride-1 convolution by Winograd
+// F(2x2, 3x3) (16 multiplies per 2x2 outputs and channel pair, against the direct one's 36), from
+// grad_out (N, K, H, W) and x (N, C, H, W), or x = relu(x * scale + shift) recomputed from the
+// BatchNorm's input by `prologue`; where winograd_weight_grad_can_run (AVX-512, C and K multiples of 16).
+bool winograd_weight_grad_can_run(int64_t C, int64_t K);
+at::Tensor winograd_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const ReluAffineRows* prologue);
+
 }  // namespace resnet_fast

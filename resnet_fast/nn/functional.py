@@ -135,9 +135,9 @@ def _conv(x: Tensor, conv: nn.Module, source: ConvInput | None = None) -> Tensor
         s = source
         return torch.ops.resnet_fast.conv3x3_train(
             *args, s.x, s.weight, s.bias, s.mean, s.var, s.eps, s.training, s.conv_weight, s.conv_stride, s.conv_padding,
-            winograd_tiles=plan.winograd_tiles,
+            **plan.op_kwargs(),
         )
-    return torch.ops.resnet_fast.conv3x3_train(*args, winograd_tiles=plan.winograd_tiles)
+    return torch.ops.resnet_fast.conv3x3_train(*args, **plan.op_kwargs())
 
 
 # -- inference: BatchNorm folded into the convolution ----------------------------------------

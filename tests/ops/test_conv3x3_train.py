@@ -68,10 +68,10 @@ def test_weight_grad_matches_formula(shape, layout, kernel):
 
 def test_empty_batch_gives_zero_weight_grad():
     x = torch.randn(0, 16, 6, 6).contiguous(memory_format=torch.channels_last)
-    grad_out = torch.randn(0, 8, 6, 6).contiguous(memory_format=torch.channels_last)
-    for kernel in (True, False):
-        got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, kernel)
-        assert got.shape == (8, 16, 3, 3) and torch.equal(got, torch.zeros_like(got))
+    grad_out = torch.randn(0, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    for kernel, winograd in ((True, False), (False, False), (False, True)):
+        got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, kernel, winograd=winograd)
+        assert got.shape == (16, 16, 3, 3) and torch.equal(got, torch.zeros_like(got))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -144,9 +144,35 @@ def test_forward_refuses_what_it_cannot_run():
         torch.ops.resnet_fast.conv3x3_train(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3), 2, True, False)
 
 
-PLANS = {"aten": (False, False), "our-wgrad": (False, True), "winograd": (True, False), "winograd+our-wgrad": (True, True)}
+Plan = _routing.Conv3x3Plan
+PLANS = {
+    "aten": Plan(False, False),
+    "our-wgrad": Plan(False, True),
+    "winograd": Plan(True, False),
+    "winograd+our-wgrad": Plan(True, True),
+    "input-grad-forward": Plan(False, False, input_grad_forward=True),
+    "winograd-wgrad": Plan(False, False, weight_grad_winograd=True),
+    "winograd+winograd-wgrad": Plan(True, False, winograd_tiles=True, weight_grad_winograd=True),
+}
+
+
+def conv3x3(x, w, stride, plan, *bn):
+    """conv3x3_train as `plan` says (bn: the BatchNorm that made x, as the op takes it)."""
+    return torch.ops.resnet_fast.conv3x3_train(x, w, stride, plan.winograd, plan.weight_grad_kernel, *bn, **plan.op_kwargs())
+
+
+def plan_runs(plan, stride, c, k):
+    """Winograd (forward and weight gradient) runs stride 1 only; Winograd's weight gradient and
+    tiles take multiples of 16 channels, our direct weight gradient C % 8 == 0 and K % 4 == 0."""
+    if (plan.winograd or plan.weight_grad_winograd) and stride != 1:
+        return False
+    if (plan.weight_grad_winograd or plan.winograd_tiles) and (c % 16 or k % 16):
+        return False
+    return kernel_takes(c, k) or not plan.weight_grad_kernel
+
+
 # (plan, stride): Winograd runs stride 1 only.
-PLAN_CASES = [pytest.param(p, s, id=f"{name}-s{s}") for name, p in PLANS.items() for s in (1, 2) if not (p[0] and s != 1)]
+PLAN_CASES = [pytest.param(p, s, id=f"{name}-s{s}") for name, p in PLANS.items() for s in (1, 2) if plan_runs(p, s, 16, 16)]
 
 
 @pytest.mark.parametrize("plan, stride", PLAN_CASES)
@@ -155,9 +181,11 @@ PLAN_CASES = [pytest.param(p, s, id=f"{name}-s{s}") for name, p in PLANS.items()
 @pytest.mark.parametrize("channels", [(16, 32), (64, 72)])
 def test_autograd_matches_pytorch(stride, layout, input_grad, channels, plan):
     c, k = channels
+    if not plan_runs(plan, stride, c, k):
+        pytest.skip(f"{plan} does not take {c} -> {k} channels at stride {stride} (the routing never asks it)")
     x = make_input((4, c, 10, 9), torch.float32, layout, requires_grad=input_grad)
     w = make_input((k, c, 3, 3), torch.float32, layout, requires_grad=True)
-    y = torch.ops.resnet_fast.conv3x3_train(x, w, stride, *plan)
+    y = conv3x3(x, w, stride, plan)
     grad = torch.randn_like(y)
     y.backward(grad)
     x_ref, w_ref = x.detach().double().requires_grad_(input_grad), w.detach().double().requires_grad_(True)
@@ -211,39 +239,48 @@ def test_winograd_by_our_tiles_matches_pytorch(layout, channels):
 @pytest.mark.parametrize("avx512", [False, True], ids=["AVX2 CPU", "AVX-512 CPU"])
 def test_training_plans(monkeypatch, avx512):
     """The routing's rules (resnet_fast._routing): Winograd on wide stride-1 maps (on AVX-512 CPUs
-    only from 14x14 maps: oneDNN's AVX-512 convolutions are as fast on smaller ones), never past
-    256 x 256 channels in training; our weight gradient on AVX2-only CPUs, up to 128 input channels."""
+    from 8x8 maps), never past 256 x 256 channels in training; our direct weight gradient on
+    AVX2-only CPUs, up to 128 input channels; the Winograd weight gradient on AVX-512 CPUs from 32
+    channels in and out, multiples of 16; at stride 1 up to 256 x 256 channels the input gradient
+    by the forward on the flipped weight."""
     monkeypatch.setattr(_routing, "_AVX512", avx512)
     monkeypatch.setattr(_routing, "WINOGRAD_TILES", avx512)
+    a = avx512
 
     def plan(n, c, h, k, stride=1, source_impl=None):
         x = torch.randn(n, c, h, h)
         return _routing.conv3x3_train_plan(x, torch.randn(k, c, 3, 3, requires_grad=True), stride, source_impl)
 
-    # (winograd, weight_grad_kernel, winograd_tiles): Winograd's products by our register tiles on
-    # AVX-512 CPUs, from 64 channels in and out, both multiples of 16 (the input gradient swaps them).
-    assert plan(2, 64, 56, 64) == (True, not avx512, avx512)
-    assert plan(2, 256, 14, 256) == (True, False, avx512)
-    assert plan(2, 64, 14, 64) == (True, not avx512, avx512)
-    assert plan(2, 64, 14, 72) == (True, not avx512, False)  # 72 % 16 != 0
-    assert plan(2, 72, 14, 64) == (True, not avx512, False)  # the input gradient's 72 output channels
-    assert plan(2, 64, 8, 64) == (None if avx512 else (True, True, False))
+    # (winograd, weight_grad_kernel, winograd_tiles, weight_grad_winograd, input_grad_forward):
+    # Winograd's products by our register tiles on AVX-512 CPUs, from 64 channels in and out, both
+    # multiples of 16 (the input gradient swaps them).
+    assert plan(2, 64, 56, 64) == (True, not a, a, a, True)
+    assert plan(2, 256, 14, 256) == (True, False, a, a, True)
+    assert plan(2, 64, 14, 64) == (True, not a, a, a, True)
+    assert plan(2, 64, 14, 72) == (True, not a, False, False, True)  # 72 % 16 != 0
+    assert plan(2, 72, 14, 64) == (True, not a, False, False, True)  # the input gradient's 72 output channels
+    assert plan(2, 64, 8, 64) == (True, not a, a, a, True)
+    assert plan(2, 64, 7, 64) == ((False, False, False, True, True) if a else (True, True, False, False, True))
     # 32 channels: Winograd only by our tiles (at::bmm's products do not pay there).
-    assert plan(2, 32, 16, 32) == ((True, False, True) if avx512 else (False, True, False))
-    assert plan(2, 32, 16, 40) == (None if avx512 else (False, True, False))  # 40 % 16 != 0
+    assert plan(2, 32, 16, 32) == ((True, False, True, True, True) if a else (False, True, False, False, True))
+    assert plan(2, 32, 16, 40) == (False, not a, False, False, True)  # 40 % 16 != 0
     assert plan(2, 512, 7, 512) is None  # 512 x 512: the per-call transform's memory; 512 > 128 for ours
-    assert plan(2, 16, 32, 16) == (None if avx512 else (False, True, False))
-    assert plan(2, 16, 32, 32, stride=2) == (None if avx512 else (False, True, False))
+    assert plan(2, 16, 32, 16) == (False, not a, False, False, True)  # 16 < 32 for Winograd's weight gradient
+    assert plan(2, 16, 32, 32, stride=2) == (None if a else (False, True, False, False, False))
     with torch.no_grad():
         assert plan(2, 64, 56, 64) is None  # nothing to differentiate: PyTorch's convolution
     # An input made by the fused CPU BatchNorm (relu(bn(.))): our op runs where nothing else pays,
     # with ATen's convolutions, to keep the BatchNorm's input instead of x.
-    assert plan(2, 512, 7, 512, source_impl="cpu") == (False, False, False)
-    assert plan(2, 16, 32, 16, source_impl="cpu") == (False, not avx512, False)
-    assert plan(2, 64, 56, 64, source_impl="cpu") == (True, not avx512, avx512)
+    assert plan(2, 512, 7, 512, source_impl="cpu") == (False,) * 5
+    assert plan(2, 16, 32, 16, source_impl="cpu") == (False, not a, False, False, True)
+    assert plan(2, 64, 56, 64, source_impl="cpu") == (True, not a, a, a, True)
     assert plan(2, 512, 7, 512, source_impl="eager") is None
     monkeypatch.setattr(_routing, "RECOMPUTE_CONV_INPUT", False)
     assert plan(2, 512, 7, 512, source_impl="cpu") is None
+    monkeypatch.setattr(_routing, "INPUT_GRAD_FORWARD", False)
+    assert plan(2, 16, 32, 16) == (None if a else (False, True, False, False, False))
+    monkeypatch.setattr(_routing, "WINOGRAD_WEIGHT_GRAD", False)
+    assert plan(2, 64, 56, 64) == (True, not a, a, False, False)
 
 
 def test_gradcheck():
@@ -266,6 +303,8 @@ def test_gradgradcheck():
 @pytest.mark.parametrize("c", [8, 64])
 @pytest.mark.parametrize("plan", list(PLANS.values()), ids=list(PLANS))
 def test_double_backward_matches_pytorch_in_float32(c, plan):
+    if not plan_runs(plan, 1, c, c):
+        pytest.skip(f"{plan} does not take {c} channels (the routing never asks it)")
     def penalty(conv, x, w):
         (gw,) = torch.autograd.grad(conv(x, w).square().sum(), w, create_graph=True)
         gw.square().sum().backward()
@@ -273,7 +312,7 @@ def test_double_backward_matches_pytorch_in_float32(c, plan):
 
     x = make_input((2, c, 6, 6), torch.float32, "channels_last", requires_grad=True)
     w = torch.randn(c, c, 3, 3, requires_grad=True)
-    ours = penalty(lambda a, b: torch.ops.resnet_fast.conv3x3_train(a, b, 1, *plan), x, w)
+    ours = penalty(lambda a, b: conv3x3(a, b, 1, plan), x, w)
     x_ref, w_ref = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
     expected = penalty(lambda a, b: reference.conv3x3_train(a, b, 1), x_ref, w_ref)
     for got, exp in zip(ours, expected):
@@ -316,13 +355,12 @@ def test_models_route_their_3x3_convolutions_as_planned(monkeypatch, avx512):
     x = torch.randn(4, 3, 32, 32)
     names = op_names(lambda: model(x).sum().backward())
     if avx512:
-        # Our weight gradient does not pay; Winograd by our tiles on the 32-channel stage's 16x16
-        # maps only (its 5 stride-1 3x3s; 8x8 is below WINOGRAD_TRAIN_AVX512_MIN_MAP). The 9 second
-        # 3x3s and the first block's first (whose input is the stem's output) run our op anyway, to
-        # keep the BatchNorm's input (the images) instead of theirs; so do the 2 other stride-1
-        # first 3x3s of the 32-channel stage, and the 5 input gradients by Winograd.
-        assert names.count("resnet_fast::conv3x3_train") == 9 + 1 + 2 + 5
-        assert names.count("resnet_fast::conv3x3_weight_grad") == 9 + 1 + 2
+        # Every stride-1 3x3 runs our op (Winograd by our tiles on the 32- and 64-channel stages,
+        # the Winograd weight gradient there; on the 16-channel stage oneDNN's forward, which also
+        # runs the input gradient on the flipped weight), forward and again for the input
+        # gradient; the 2 stride-2 ones (whose input has a residual) are PyTorch's.
+        assert names.count("resnet_fast::conv3x3_train") == 16 + 16
+        assert names.count("resnet_fast::conv3x3_weight_grad") == 16
         assert "aten::bmm" not in names
     else:
         # Every 3x3 convolution after the stem (whose 3 input channels our weight gradient does not
@@ -401,12 +439,108 @@ def test_weight_grad_prologue_reads_nothing_outside_the_input():
         assert_weight_grad_close(got, g, bn_relu_formula(x, *bn), stride)
 
 
+# -- the weight gradient by Winograd F(2x2, 3x3) (winograd=True; AVX-512, else ATen's) --------------
+
+AVX512 = _routing.CPU_CAPABILITY == "AVX512"
+needs_avx512 = pytest.mark.skipif(not AVX512, reason="the Winograd weight gradient needs AVX-512; without it the "
+                                  "op hands the request to ATen's (which the formula tests still check)")
+
+# (N, C, H, W, K), stride 1: C and K multiples of 16.
+WINOGRAD_WEIGHT_GRAD_SHAPES = [
+    (4, 16, 32, 32, 16),  # ResNet-20's first stage: 16 x 16 register tiles
+    (3, 64, 8, 8, 64),  # its last stage: 8 x 32 tiles, an odd batch over two threads
+    (1, 32, 9, 7, 16),  # batch 1, odd sizes: the last tile row and column overhang the map
+    (2, 48, 5, 7, 32),  # 48 columns: one 8 x 32 tile and one 16 x 16
+    (2, 16, 1, 1, 16),  # 1x1 map: one tile, three quarters of it padding
+    (2, 256, 9, 9, 256),  # 256 x 256: bands of 3 tile rows (the last one shorter)
+]
+
+
+@pytest.mark.parametrize("shape", WINOGRAD_WEIGHT_GRAD_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "noncontiguous"])
+@pytest.mark.parametrize("prologue", [False, True], ids=["x", "relu(bn(x))"])
+def test_winograd_weight_grad_matches_formula(shape, layout, prologue):
+    n, c, h, w, k = shape
+    x = make_input((n, c, h, w), torch.float32, layout)
+    grad_out = make_input((n, k, h, w), torch.float32, layout)
+    bn = random_bn(c) if prologue else (None,) * 4
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False, *bn, 1e-5, winograd=True)
+    assert_weight_grad_close(got, grad_out, bn_relu_formula(x, *bn) if prologue else x, 1)
+
+
+@needs_avx512
+@pytest.mark.parametrize("shape", [(8, 16, 32, 32, 16), (8, 32, 16, 16, 32), (8, 64, 8, 8, 64), (4, 256, 14, 14, 256)])
+def test_winograd_weight_grad_error_within_twice_pytorchs_own(shape):
+    """Against float64, no more than 2x the error of PyTorch's float32 weight gradient (oneDNN's
+    direct one) on the same data: Winograd's transforms add and subtract, the G^T M G at the end
+    is float64; its sums run per band of tiles (blocked), oneDNN's over the whole batch."""
+    n, c, h, w, k = shape
+    x = torch.randn(n, c, h, w).relu().contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn(n, k, h, w).contiguous(memory_format=torch.channels_last)
+    exact = exact_weight_grad(grad_out, x, 1)
+    ours = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False, winograd=True)
+    theirs = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False)
+    ours_err, theirs_err = (ours.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+    assert ours_err <= 2 * theirs_err, (ours_err, theirs_err)
+
+
+def test_winograd_weight_grad_reads_nothing_outside_the_input():
+    """Padding is zeros, not the neighbouring pixels or images (NaN here), with and without the
+    prologue (whose relu(shift) > 0 must not reach the padding either)."""
+    x_all = torch.full((4, 16, 6, 5), float("nan")).contiguous(memory_format=torch.channels_last)
+    g_all = torch.full((4, 16, 6, 5), float("nan")).contiguous(memory_format=torch.channels_last)
+    x, grad_out = x_all[1:3], g_all[1:3]
+    x.copy_(torch.rand(x.shape))
+    grad_out.copy_(torch.randn(grad_out.shape))
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.storage_offset() > 0
+    bn = random_bn(16, positive=True)
+    for extra, x_in in (((None,) * 4, x), (bn, bn_relu_formula(x, *bn))):
+        got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False, *extra, 1e-5, winograd=True)
+        assert not got.isnan().any()
+        assert_weight_grad_close(got, grad_out, x_in, 1)
+
+
+def test_winograd_weight_grad_keeps_non_finite_values_in_their_channel_pairs():
+    """An inf in x reaches the weight gradients of its input channel only, as in PyTorch's; within
+    a (k, c) pair it may reach all 9 taps (the transforms mix them), as inf or NaN."""
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    x[0, 3, 0, 0] = float("inf")
+    grad_out = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False, winograd=True)
+    expected = reference.conv3x3_weight_grad(grad_out, x, 1)
+    pair_finite = lambda t: t.isfinite().all(dim=(2, 3))  # noqa: E731
+    assert torch.equal(pair_finite(got), pair_finite(expected))
+    assert not pair_finite(got)[:, 3].any() and pair_finite(got)[:, :3].all()
+    assert (~expected.isfinite() <= ~got.isfinite()).all()  # non-finite wherever PyTorch's is
+
+
+def test_winograd_weight_grad_refuses_what_it_cannot_run():
+    x, g = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 2, 2)
+    with pytest.raises(RuntimeError, match="Winograd weight gradient runs stride 1 only.*pass winograd=False"):
+        torch.ops.resnet_fast.conv3x3_weight_grad(g, x, 2, False, winograd=True)
+    if AVX512:
+        x8, g8 = torch.randn(2, 8, 4, 4), torch.randn(2, 16, 4, 4)
+        with pytest.raises(RuntimeError, match="multiples of 16 on a CPU with AVX-512, got Float with 8 and 16"):
+            torch.ops.resnet_fast.conv3x3_weight_grad(g8, x8, 1, False, winograd=True)
+        with pytest.raises(RuntimeError, match="takes float32"):
+            torch.ops.resnet_fast.conv3x3_weight_grad(g8.double(), torch.randn(2, 16, 4, 4).double(), 1, False,
+                                                      winograd=True)
+
+
+def test_winograd_weight_grad_opcheck():
+    x = make_input((2, 16, 6, 5), torch.float32, "channels_last")
+    g = make_input((2, 32, 6, 5), torch.float32, "channels_last", requires_grad=True)
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x, 1, False), {"winograd": True})
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g.detach(), x, 1, False, *random_bn(16), 1e-5),
+                          {"winograd": True})
+
+
 def bn_then_conv(x1, bn_w, bn_b, w, stride, plan, recompute, training=True, running=None):
     """conv3x3_train(relu(batch_norm(x1))), the convolution told how its input was made or not."""
     rm, rv = (None, None) if running is None else running
     a, mean, var = torch.ops.resnet_fast.batch_norm_act(x1, bn_w, bn_b, rm, rv, None, 1, training, 1e-5, True)
     extra = (x1, bn_w, bn_b, mean, var, 1e-5, training) if recompute else ()
-    return torch.ops.resnet_fast.conv3x3_train(a, w, stride, *plan, *extra)
+    return conv3x3(a, w, stride, plan, *extra)
 
 
 # (channels, plan, stride): our weight gradient takes (16, 32) and (136, 8); ATen's all three.
@@ -415,7 +549,7 @@ RECOMPUTE_CASES = [
     for ch in [(16, 32), (136, 8), (12, 8)]
     for name, p in PLANS.items()
     for s in (1, 2)
-    if not (p[0] and s != 1) and (kernel_takes(*ch) or not p[1])
+    if plan_runs(p, s, *ch)
 ]
 
 
@@ -452,7 +586,7 @@ def test_recomputing_conv_keeps_the_batchnorm_input_not_its_own():
         assert (a.untyped_storage().data_ptr() in kept) != recompute
 
 
-@pytest.mark.parametrize("plan", [(False, True), (True, True), (False, False)], ids=["our-wgrad", "winograd+our-wgrad", "aten"])
+@pytest.mark.parametrize("plan", list(PLANS.values()), ids=list(PLANS))
 def test_double_backward_through_a_recomputed_input(plan):
     """Under create_graph the input is recomputed by batch_norm_act itself, differentiably: a
     gradient penalty gets the gradients that keeping the input gives."""
