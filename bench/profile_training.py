@@ -72,7 +72,8 @@ def step_macs(arch: str, x_shape) -> tuple[int, int]:
     """(the direct convolutions' multiply-adds, the multiplies run) of a training step of ``arch``
     on an input of ``x_shape``: each convolution's forward, input gradient (none for the first,
     whose input is the images) and weight gradient; the forward and a stride-1 input gradient by
-    Winograd's 16 per 2x2 tile where :func:`resnet_fast._routing.conv3x3_train_plan` runs them so."""
+    Winograd's 16 per 2x2 tile where :func:`resnet_fast._routing.conv3x3_train_plan` runs them so,
+    and the weight gradient where that plan has ``weight_grad_winograd``."""
     with resnet_fast.use_backend("eager"):
         model = resnet_fast.get_model(arch)
     shapes = []
@@ -86,17 +87,18 @@ def step_macs(arch: str, x_shape) -> tuple[int, int]:
     for i, (conv, shape) in enumerate(shapes):
         key = profile_layers.layer_key(shape, conv, False)
         d, tiled = profile_layers.layer_macs(key, shape[0], "winograd")
-        winograd = False
+        winograd = wgrad_winograd = False
         if conv.kernel_size == (3, 3):
             with torch.enable_grad():
                 weight = torch.empty(conv.weight.shape, requires_grad=True)
                 plan = _routing.conv3x3_train_plan(torch.empty(shape), weight, conv.stride[0], "cpu")
             winograd = plan is not None and plan.winograd
+            wgrad_winograd = plan is not None and plan.weight_grad_winograd
         direct += (3 if i > 0 else 2) * d
         run += tiled if winograd else d  # forward
         if i > 0:  # input gradient: a stride-1 convolution where the forward is one
             run += tiled if winograd and conv.stride[0] == 1 else d
-        run += d  # weight gradient: the direct formula (ours or oneDNN's)
+        run += tiled if wgrad_winograd else d  # weight gradient
     return direct, run
 
 

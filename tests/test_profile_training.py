@@ -49,10 +49,21 @@ def test_winograd_runs_16_multiplies_per_tile_in_the_forward_and_the_stride_1_in
     # stage's first 3x3 is 16 -> 32); 16 of the 36 multiplies in the forward and the input gradient.
     monkeypatch.setattr(_routing, "winograd_applies", lambda c, k, stride, training, map_size=0: c == k == 32)
     monkeypatch.setattr(_routing, "winograd_tiles", lambda c, k: False)
+    monkeypatch.setattr(_routing, "WINOGRAD_WEIGHT_GRAD", False)
     direct, run = profile_training.step_macs("resnet20", (4, 3, 32, 32))
     d = 4 * 16 * 16 * 32 * 32 * 9
     w = 4 * 8 * 8 * 16 * 32 * 32
     assert direct - run == 5 * 2 * (d - w)
+
+
+def test_the_winograd_weight_gradient_runs_16_multiplies_per_tile(profile_training, monkeypatch):
+    # The weight gradient alone by Winograd, for 64 -> 64 channels: ResNet-20's five stride-1 3x3s on 8x8 maps.
+    monkeypatch.setattr(_routing, "winograd_applies", lambda c, k, stride, training, map_size=0: False)
+    monkeypatch.setattr(_routing, "weight_grad_winograd_applies", lambda c, k, stride: c == k == 64)
+    direct, run = profile_training.step_macs("resnet20", (4, 3, 32, 32))
+    d = 4 * 8 * 8 * 64 * 64 * 9
+    w = 4 * 4 * 4 * 16 * 64 * 64
+    assert direct - run == 5 * (d - w)
 
 
 def test_every_convolution_op_of_a_step_is_classified(profile_training):
