@@ -143,8 +143,7 @@ def test_conv3x3_fwd_bwd(benchmark, shape, out_channels, stride):
         return f
 
     plan = _routing.conv3x3_train_plan(x, w, stride)
-    parts = {"winograd": "winograd", "weight_grad_kernel": "our wgrad", "weight_grad_winograd": "winograd wgrad",
-             "input_grad_forward": "dgrad by the forward"}
+    parts = {"winograd": "winograd", "weight_grad_kernel": "our wgrad", "weight_grad_winograd": "winograd wgrad"}
     what = "no plan: PyTorch's" if plan is None else ", ".join(v for k, v in parts.items() if getattr(plan, k))
     compare(
         benchmark,

@@ -211,7 +211,7 @@ class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
 using OptTensor = std::optional<at::Tensor>;
 using Conv3x3Signature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool, const OptTensor&,
                                     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool,
-                                    const OptTensor&, int64_t, int64_t, bool, bool, bool);
+                                    const OptTensor&, int64_t, int64_t, bool, bool);
 
 // x = relu(batch_norm(bn_input)) again, as batch_norm_act made it for a convolution that did not
 // keep it: under create_graph as the forward ran it (batch statistics recomputed, differentiable
@@ -234,7 +234,7 @@ const c10::TypedOperatorHandle<Conv3x3Signature>& conv3x3_op() {
 at::Tensor call_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd, bool kernel,
                         bool tiles) {
   return conv3x3_op().call(x, weight, stride, winograd, kernel, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
-                           std::nullopt, 0.0, true, std::nullopt, 1, 0, tiles, false, false);
+                           std::nullopt, 0.0, true, std::nullopt, 1, 0, tiles, false);
 }
 
 // conv3x3_train: at stride 1 the input gradient is the op itself on the flipped, transposed weight
@@ -255,7 +255,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
                                const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& bn_mean,
                                const OptTensor& bn_var, double bn_eps, bool bn_training,
                                const OptTensor& bn_conv_weight, int64_t bn_conv_stride, int64_t bn_conv_padding,
-                               bool winograd_tiles, bool weight_grad_winograd, bool input_grad_forward) {
+                               bool winograd_tiles, bool weight_grad_winograd) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool recompute = bn_input.has_value();
     if (recompute)
@@ -273,13 +273,12 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     ctx->saved_data["winograd_tiles"] = winograd_tiles;
     ctx->saved_data["weight_grad_kernel"] = weight_grad_kernel;
     ctx->saved_data["weight_grad_winograd"] = weight_grad_winograd;
-    ctx->saved_data["input_grad_forward"] = input_grad_forward;
     ctx->saved_data["recompute"] = recompute;
     ctx->saved_data["bn_eps"] = bn_eps;
     ctx->saved_data["bn_training"] = bn_training;
     return {conv3x3_op().call(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
                               bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding,
-                              winograd_tiles, weight_grad_winograd, input_grad_forward)};
+                              winograd_tiles, weight_grad_winograd)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -301,13 +300,13 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     const bool recompute = ctx->saved_data["recompute"].toBool();
     at::Tensor grad_x, grad_weight;
     if (ctx->needs_input_grad(0)) {
-      // At stride 1 in the plans with a kernel of ours or `input_grad_forward`, the convolution with
-      // the flipped, transposed weight (Winograd's, or oneDNN's forward; its own weight gradient, needed only in a double
+      // At stride 1 in the plans with a kernel of ours, the convolution with the flipped, transposed
+      // weight (Winograd's, or oneDNN's forward; its own weight gradient, needed only in a double
       // backward, is ATen's: our kernel's channel rules are not symmetric in C and K). Otherwise
       // ATen's input gradient, as PyTorch's convolution runs it: the plan (False, False), which runs
       // our op only to recompute x, would pay for the flipped weight's copy (512 x 512 channels:
       // 10 ms a call, the input gradient 12 ms). It reads only x's shape, which bn_input shares.
-      if (stride == 1 && (winograd || kernel || ctx->saved_data["input_grad_forward"].toBool())) {
+      if (stride == 1 && (winograd || kernel)) {
         grad_x = call_conv3x3(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false,
                               ctx->saved_data["winograd_tiles"].toBool());
       } else {
@@ -344,7 +343,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
       if (!grad_weight.is_contiguous(weight.suggest_memory_format()))  // the parameter's own layout
         grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
     }
-    variable_list out(18);  // one per argument: x and weight get gradients; bn_* make x, which carries them
+    variable_list out(17);  // one per argument: x and weight get gradients; bn_* make x, which carries them
     out[0] = grad_x;
     out[1] = grad_weight;
     return out;
@@ -356,10 +355,10 @@ at::Tensor conv3x3_train_autograd(const at::Tensor& x, const at::Tensor& weight,
                                   const OptTensor& bn_bias, const OptTensor& bn_mean, const OptTensor& bn_var,
                                   double bn_eps, bool bn_training, const OptTensor& bn_conv_weight,
                                   int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles,
-                                  bool weight_grad_winograd, bool input_grad_forward) {
+                                  bool weight_grad_winograd) {
   return Conv3x3Train::apply(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
                              bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding,
-                             winograd_tiles, weight_grad_winograd, input_grad_forward)[0];
+                             winograd_tiles, weight_grad_winograd)[0];
 }
 
 // conv1x1_train: x = relu(batch_norm(bn_input)) is not kept. The input gradient is ATen's

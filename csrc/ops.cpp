@@ -88,9 +88,6 @@ TORCH_LIBRARY(resnet_fast, m) {
   // swapped).
   // `weight_grad_winograd`: at stride 1, the weight gradient by Winograd F(2x2, 3x3) (conv3x3_weight_grad's
   // `winograd`; AVX-512, channel counts multiples of 16), ahead of `weight_grad_kernel`.
-  // `input_grad_forward`: at stride 1, the input gradient by this op's forward on the flipped,
-  // transposed weight (oneDNN's forward where not Winograd) rather than ATen's backward-data; it
-  // is so anyway with `winograd` or `weight_grad_kernel`.
   // conv3x3_weight_grad returns dW of shape (K, C, 3, 3) in channels_last.
   // bn_input (with bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training): x is
   // batch_norm_act(bn_input, ...)'s output with ReLU and no residual, normalised with bn_mean and
@@ -103,8 +100,8 @@ TORCH_LIBRARY(resnet_fast, m) {
       "conv3x3_train(Tensor x, Tensor weight, int stride, bool winograd, bool weight_grad_kernel, "
       "Tensor? bn_input=None, Tensor? bn_weight=None, Tensor? bn_bias=None, Tensor? bn_mean=None, "
       "Tensor? bn_var=None, float bn_eps=0.0, bool bn_training=True, Tensor? bn_conv_weight=None, "
-      "int bn_conv_stride=1, int bn_conv_padding=0, bool winograd_tiles=False, bool weight_grad_winograd=False, "
-      "bool input_grad_forward=False) -> Tensor");
+      "int bn_conv_stride=1, int bn_conv_padding=0, bool winograd_tiles=False, bool weight_grad_winograd=False) "
+      "-> Tensor");
   // With bn_weight, bn_bias, bn_mean, bn_var (float32, C each) and bn_eps, the convolution's input is
   // relu(batch_norm(x)) with them, recomputed as batch_norm_act's forward computes it (the weight
   // gradient is not differentiable then).

@@ -398,20 +398,6 @@ def weight_grad_winograd_applies(in_channels: int, out_channels: int, stride: in
     )
 
 
-# At stride 1 the input gradient is the convolution of the output gradient with the flipped,
-# transposed weight: oneDNN's forward runs it faster than its backward-data where channels are few
-# (ResNet-20's (128, 16, 32, 32): 2.19 against 3.49 ms; same machine and day as above), and as fast
-# on ResNet-50's 64- to 256-channel 3x3s (within 5%). The flipped weight is a copy made at each call
-# (512 x 512 channels: 10 ms), hence the weight count's cap.
-INPUT_GRAD_FORWARD = True
-
-
-def input_grad_forward_applies(in_channels: int, out_channels: int, stride: int) -> bool:
-    """Whether the stride-1 3x3 input gradient runs as the forward on the flipped weight (see
-    INPUT_GRAD_FORWARD); with Winograd or our weight gradient's kernel it does anyway."""
-    return INPUT_GRAD_FORWARD and stride == 1 and in_channels * out_channels <= WINOGRAD_TRAIN_MAX_WEIGHTS
-
-
 # Issue 18's fusion across the convolution in training, on GPUs: a residual block's convolutions
 # by ``norm_conv`` (Triton), each BatchNorm's statistics reduced in its convolution's epilogue and
 # its scale, shift and ReLU applied in the next one's prologue, the backward fused the same way.
@@ -473,7 +459,6 @@ class Conv3x3Plan(NamedTuple):
     weight_grad_kernel: bool
     winograd_tiles: bool = False
     weight_grad_winograd: bool = False
-    input_grad_forward: bool = False
 
     def op_kwargs(self) -> dict:
         """The op's keyword arguments for this plan (``winograd`` and ``weight_grad_kernel`` are
@@ -481,7 +466,6 @@ class Conv3x3Plan(NamedTuple):
         return {
             "winograd_tiles": self.winograd_tiles,
             "weight_grad_winograd": self.weight_grad_winograd,
-            "input_grad_forward": self.input_grad_forward,
         }
 
 
@@ -513,7 +497,6 @@ def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int, source_impl: str 
         weight_grad_kernel_applies(c, k),
         winograd and winograd_tiles(c, k) and winograd_tiles(k, c),
         weight_grad_winograd_applies(c, k, stride),
-        input_grad_forward_applies(c, k, stride),
     )
     return plan if any(plan) or (RECOMPUTE_CONV_INPUT and source_impl == "cpu") else None
 

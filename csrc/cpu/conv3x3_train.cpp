@@ -288,7 +288,7 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
                              const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
                              double /*bn_eps*/, bool /*bn_training*/, const std::optional<at::Tensor>& bn_conv_weight,
                              int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles,
-                             bool /*weight_grad_winograd*/, bool /*input_grad_forward*/) {
+                             bool /*weight_grad_winograd*/) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "conv3x3_train: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
   TORCH_CHECK(!bn_conv_weight.has_value() || bn_input.has_value(),

@@ -4,8 +4,7 @@ forward and input gradient reach; the AVX2 kernel in ``csrc/cpu/conv3x3_train.cp
 On wide stride-1 maps the forward and the input gradient run by Winograd F(2x2, 3x3)
 (``csrc/cpu/winograd.cpp``), and on AVX-512 CPUs from 32 channels the stride-1 weight gradient
 too (same file: 16 multiplies where the direct one does 36; oneDNN's took 1.4-1.8x its time on
-ResNet-20's and ResNet-50's). At stride 1 the input gradient is the forward on the flipped,
-transposed weight (Winograd's, or oneDNN's forward, faster than its backward-data on 16 channels).
+ResNet-20's and ResNet-50's).
 
 Formula: :func:`resnet_fast.ops.reference.conv3x3_train` and
 :func:`resnet_fast.ops.reference.conv3x3_weight_grad`. Which parts run by which kernel is
@@ -48,7 +47,7 @@ def register() -> None:
     @torch.library.register_fake("resnet_fast::conv3x3_train")
     def _(x, weight, stride, winograd, weight_grad_kernel, bn_input=None, bn_weight=None, bn_bias=None, bn_mean=None,
           bn_var=None, bn_eps=0.0, bn_training=True, bn_conv_weight=None, bn_conv_stride=1, bn_conv_padding=0,
-          winograd_tiles=False, weight_grad_winograd=False, input_grad_forward=False):
+          winograd_tiles=False, weight_grad_winograd=False):
         # PyTorch's convolution on the fake tensors: its shape checks and output layout (Winograd's
         # output is channels_last whatever the input's).
         y = F.conv2d(x, weight, None, stride, 1)

@@ -150,7 +150,6 @@ PLANS = {
     "our-wgrad": Plan(False, True),
     "winograd": Plan(True, False),
     "winograd+our-wgrad": Plan(True, True),
-    "input-grad-forward": Plan(False, False, input_grad_forward=True),
     "winograd-wgrad": Plan(False, False, weight_grad_winograd=True),
     "winograd+winograd-wgrad": Plan(True, False, winograd_tiles=True, weight_grad_winograd=True),
 }
@@ -175,14 +174,15 @@ def plan_runs(plan, stride, c, k):
 PLAN_CASES = [pytest.param(p, s, id=f"{name}-s{s}") for name, p in PLANS.items() for s in (1, 2) if plan_runs(p, s, 16, 16)]
 
 
-@pytest.mark.parametrize("plan, stride", PLAN_CASES)
+@pytest.mark.parametrize(
+    "plan, stride, channels",
+    [pytest.param(*p.values, ch, id=f"{p.id}-{ch[0]}x{ch[1]}") for p in PLAN_CASES for ch in [(16, 32), (64, 72)]
+     if plan_runs(*p.values, *ch)],
+)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("input_grad", [True, False])  # False: the stem, whose input is the batch
-@pytest.mark.parametrize("channels", [(16, 32), (64, 72)])
 def test_autograd_matches_pytorch(stride, layout, input_grad, channels, plan):
     c, k = channels
-    if not plan_runs(plan, stride, c, k):
-        pytest.skip(f"{plan} does not take {c} -> {k} channels at stride {stride} (the routing never asks it)")
     x = make_input((4, c, 10, 9), torch.float32, layout, requires_grad=input_grad)
     w = make_input((k, c, 3, 3), torch.float32, layout, requires_grad=True)
     y = conv3x3(x, w, stride, plan)
@@ -241,8 +241,7 @@ def test_training_plans(monkeypatch, avx512):
     """The routing's rules (resnet_fast._routing): Winograd on wide stride-1 maps (on AVX-512 CPUs
     from 8x8 maps), never past 256 x 256 channels in training; our direct weight gradient on
     AVX2-only CPUs, up to 128 input channels; the Winograd weight gradient on AVX-512 CPUs from 32
-    channels in and out, multiples of 16; at stride 1 up to 256 x 256 channels the input gradient
-    by the forward on the flipped weight."""
+    channels in and out, multiples of 16, up to 256 x 256."""
     monkeypatch.setattr(_routing, "_AVX512", avx512)
     monkeypatch.setattr(_routing, "WINOGRAD_TILES", avx512)
     a = avx512
@@ -251,36 +250,35 @@ def test_training_plans(monkeypatch, avx512):
         x = torch.randn(n, c, h, h)
         return _routing.conv3x3_train_plan(x, torch.randn(k, c, 3, 3, requires_grad=True), stride, source_impl)
 
-    # (winograd, weight_grad_kernel, winograd_tiles, weight_grad_winograd, input_grad_forward):
-    # Winograd's products by our register tiles on AVX-512 CPUs, from 64 channels in and out, both
-    # multiples of 16 (the input gradient swaps them).
-    assert plan(2, 64, 56, 64) == (True, not a, a, a, True)
-    assert plan(2, 256, 14, 256) == (True, False, a, a, True)
-    assert plan(2, 64, 14, 64) == (True, not a, a, a, True)
-    assert plan(2, 64, 14, 72) == (True, not a, False, False, True)  # 72 % 16 != 0
-    assert plan(2, 72, 14, 64) == (True, not a, False, False, True)  # the input gradient's 72 output channels
-    assert plan(2, 64, 8, 64) == (True, not a, a, a, True)
-    assert plan(2, 64, 7, 64) == ((False, False, False, True, True) if a else (True, True, False, False, True))
+    # (winograd, weight_grad_kernel, winograd_tiles, weight_grad_winograd): Winograd's products by
+    # our register tiles on AVX-512 CPUs, from 64 channels in and out, both multiples of 16 (the
+    # input gradient swaps them).
+    assert plan(2, 64, 56, 64) == (True, not a, a, a)
+    assert plan(2, 256, 14, 256) == (True, False, a, a)
+    assert plan(2, 64, 14, 64) == (True, not a, a, a)
+    assert plan(2, 64, 14, 72) == (True, not a, False, False)  # 72 % 16 != 0
+    assert plan(2, 72, 14, 64) == (True, not a, False, False)  # the input gradient's 72 output channels
+    assert plan(2, 64, 8, 64) == (True, not a, a, a)
+    assert plan(2, 64, 7, 64) == ((False, False, False, True) if a else (True, True, False, False))
     # 32 channels: Winograd only by our tiles (at::bmm's products do not pay there).
-    assert plan(2, 32, 16, 32) == ((True, False, True, True, True) if a else (False, True, False, False, True))
-    assert plan(2, 32, 16, 40) == (False, not a, False, False, True)  # 40 % 16 != 0
+    assert plan(2, 32, 16, 32) == ((True, False, True, True) if a else (False, True, False, False))
+    assert plan(2, 32, 16, 40) == (None if a else (False, True, False, False))  # 40 % 16 != 0
     assert plan(2, 512, 7, 512) is None  # 512 x 512: the per-call transform's memory; 512 > 128 for ours
-    assert plan(2, 16, 32, 16) == (False, not a, False, False, True)  # 16 < 32 for Winograd's weight gradient
-    assert plan(2, 16, 32, 32, stride=2) == (None if a else (False, True, False, False, False))
+    assert plan(2, 16, 32, 16) == (None if a else (False, True, False, False))  # 16 < 32 for Winograd's wgrad
+    assert plan(2, 16, 32, 32, stride=2) == (None if a else (False, True, False, False))
     with torch.no_grad():
         assert plan(2, 64, 56, 64) is None  # nothing to differentiate: PyTorch's convolution
     # An input made by the fused CPU BatchNorm (relu(bn(.))): our op runs where nothing else pays,
     # with ATen's convolutions, to keep the BatchNorm's input instead of x.
-    assert plan(2, 512, 7, 512, source_impl="cpu") == (False,) * 5
-    assert plan(2, 16, 32, 16, source_impl="cpu") == (False, not a, False, False, True)
-    assert plan(2, 64, 56, 64, source_impl="cpu") == (True, not a, a, a, True)
+    assert plan(2, 512, 7, 512, source_impl="cpu") == (False,) * 4
+    assert plan(2, 16, 32, 16, source_impl="cpu") == (False, not a, False, False)
+    assert plan(2, 64, 56, 64, source_impl="cpu") == (True, not a, a, a)
     assert plan(2, 512, 7, 512, source_impl="eager") is None
     monkeypatch.setattr(_routing, "RECOMPUTE_CONV_INPUT", False)
     assert plan(2, 512, 7, 512, source_impl="cpu") is None
-    monkeypatch.setattr(_routing, "INPUT_GRAD_FORWARD", False)
-    assert plan(2, 16, 32, 16) == (None if a else (False, True, False, False, False))
     monkeypatch.setattr(_routing, "WINOGRAD_WEIGHT_GRAD", False)
-    assert plan(2, 64, 56, 64) == (True, not a, a, False, False)
+    assert plan(2, 64, 56, 64) == (True, not a, a, False)
+    assert plan(2, 64, 7, 64) == (None if a else (True, True, False, False))
 
 
 def test_gradcheck():
@@ -300,11 +298,10 @@ def test_gradgradcheck():
         )
 
 
-@pytest.mark.parametrize("c", [8, 64])
-@pytest.mark.parametrize("plan", list(PLANS.values()), ids=list(PLANS))
+@pytest.mark.parametrize(
+    "c, plan", [pytest.param(c, p, id=f"{name}-{c}") for c in (8, 64) for name, p in PLANS.items() if plan_runs(p, 1, c, c)]
+)
 def test_double_backward_matches_pytorch_in_float32(c, plan):
-    if not plan_runs(plan, 1, c, c):
-        pytest.skip(f"{plan} does not take {c} channels (the routing never asks it)")
     def penalty(conv, x, w):
         (gw,) = torch.autograd.grad(conv(x, w).square().sum(), w, create_graph=True)
         gw.square().sum().backward()
@@ -355,12 +352,13 @@ def test_models_route_their_3x3_convolutions_as_planned(monkeypatch, avx512):
     x = torch.randn(4, 3, 32, 32)
     names = op_names(lambda: model(x).sum().backward())
     if avx512:
-        # Every stride-1 3x3 runs our op (Winograd by our tiles on the 32- and 64-channel stages,
-        # the Winograd weight gradient there; on the 16-channel stage oneDNN's forward, which also
-        # runs the input gradient on the flipped weight), forward and again for the input
-        # gradient; the 2 stride-2 ones (whose input has a residual) are PyTorch's.
-        assert names.count("resnet_fast::conv3x3_train") == 16 + 16
-        assert names.count("resnet_fast::conv3x3_weight_grad") == 16
+        # Winograd by our tiles (forward, input gradient, weight gradient) on the 32- and 64-channel
+        # stages' 10 stride-1 3x3s; on the 16-channel stage the 3 second 3x3s and the first block's
+        # first (whose input is the stem's output) run our op with oneDNN's convolutions, to keep
+        # the BatchNorm's input instead of theirs (their input gradient is ATen's); the others,
+        # whose input has a residual, are PyTorch's.
+        assert names.count("resnet_fast::conv3x3_train") == 10 + 10 + 4
+        assert names.count("resnet_fast::conv3x3_weight_grad") == 10 + 4
         assert "aten::bmm" not in names
     else:
         # Every 3x3 convolution after the stem (whose 3 input channels our weight gradient does not
