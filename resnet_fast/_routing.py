@@ -217,14 +217,14 @@ WINOGRAD_MIN_TILES = 32
 # that transform (16 MB, plus 9 MB of reordered taps) put ResNet-50's training peak memory above
 # eager's, so training's Winograd stops at C * K = 256 * 256. Inference transforms once (cached).
 WINOGRAD_TRAIN_MAX_WEIGHTS = 256 * 256
-# Where oneDNN has AVX-512, training's Winograd (with its per-call weight transform) pays on maps of
-# 14x14 and more only. Fwd+bwd against F.conv2d's, interleaved, on the Xeon: (16, 64, 56, 56)
+# Where oneDNN has AVX-512, training's Winograd (with its per-call weight transform) runs on maps of
+# 8x8 and more. It was 14x14 until 2026-12-07: fwd+bwd against F.conv2d's, interleaved, on the Xeon: (16, 64, 56, 56)
 # 1.15x, (16, 128, 28, 28) 1.10x, (16, 256, 14, 14) 1.08x, but ResNet-20's (128, 64, 8, 8)
 # 1.02x (bench/test_ops.py: 0.99x) (2026-12-01); on the Zen 4 that shape's forward / input
 # gradient took 1.08 / 0.98 of oneDNN's time. On AVX2 it paid everywhere (1.22-1.24x). On a 2-core
-# AMD EPYC whose oneDNN forward runs at 410-460 GFLOP/s (2026-12-07) that 8x8 shape's forward took
-# 0.99 ms by our tiles against oneDNN's 1.46 (its input gradient, the same shape, against 1.36), and
-# the ResNet-20 b128 step ran 1.06x faster with it: the maps from 8x8 on, neutral on the others.
+# Zen 5 (2026-12-07) the ResNet-20 b128 step took 1.04-1.06x as long with 14 as with 8 (interleaved
+# steps, 25 pairs, twice; bench/test_ops.py's (128, 64, 8, 8) fwd+bwd 1.19x PyTorch's): maps from
+# 8x8 on.
 WINOGRAD_TRAIN_AVX512_MIN_MAP = 8
 # Our AVX2 weight gradient (csrc/cpu/conv3x3_train.cpp): a vector of 8 input channels lies within
 # one tap (C % 8 == 0), the register tile holds 4 output channels (K % 4 == 0), and beyond 128
@@ -374,12 +374,12 @@ def weight_grad_kernel_applies(in_channels: int, out_channels: int) -> bool:
 # The stride-1 3x3 weight gradient by Winograd F(2x2, 3x3) (csrc/cpu/winograd.cpp: 16 multiplies per
 # 2x2 outputs and channel pair where the direct one does 36), on AVX-512 CPUs with channel counts
 # multiples of 16, from WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS in and out, up to training's Winograd
-# weight count (its per-thread sums are 16 x C x K floats). Against oneDNN's (2-core AMD EPYC whose
-# oneDNN forward reaches 410-460 GFLOP/s, 2026-12-07; bench/test_ops.py): ResNet-20's (128, 32,
-# 16, 16) 1.47 against 2.55 ms, (128, 64, 8, 8) 1.19 against 1.63; ResNet-50's at batch 16
-# (64, 56, 56) 6.0 against 10.9, (128, 28, 28) 5.7 against 9.6, (256, 14, 14) 6.9 against 8.7.
-# At 16 channels (128, 16, 32, 32) it took 2.72 against 1.48: its transforms, not its products,
-# then take most of the time.
+# weight count (its per-thread sums are 16 x C x K floats). Against oneDNN's, interleaved, four runs
+# (2-core AMD EPYC Zen 5, whose oneDNN forward reaches 410-490 GFLOP/s, 2026-12-07;
+# bench/test_ops.py::test_conv3x3_weight_grad_winograd): ResNet-20's (128, 32, 16, 16) 1.30-1.41x,
+# (128, 64, 8, 8) 1.29-1.42x; ResNet-50's at batch 16 (64, 56, 56) 1.67-1.97x, (256, 14, 14)
+# 1.00-1.26x; but (128, 16, 32, 32) 0.57-0.79x: with 16 channels the transforms, not the products,
+# take most of the time. ResNet-20 b128 steps without it took 1.04-1.06x as long.
 WINOGRAD_WEIGHT_GRAD = True
 WINOGRAD_WEIGHT_GRAD_MIN_CHANNELS = 32
 

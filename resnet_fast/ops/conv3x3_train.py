@@ -3,7 +3,7 @@ with our weight gradient: oneDNN computed ResNet-20's at 125-140 GFLOP/s, two th
 forward and input gradient reach; the AVX2 kernel in ``csrc/cpu/conv3x3_train.cpp`` runs at 150-190.
 On wide stride-1 maps the forward and the input gradient run by Winograd F(2x2, 3x3)
 (``csrc/cpu/winograd.cpp``), and on AVX-512 CPUs from 32 channels the stride-1 weight gradient
-too (same file: 16 multiplies where the direct one does 36; oneDNN's took 1.4-1.8x its time on
+too (same file: 16 multiplies where the direct one does 36; oneDNN's took 1.0-2.0x its time on
 ResNet-20's and ResNet-50's).
 
 Formula: :func:`resnet_fast.ops.reference.conv3x3_train` and
