@@ -147,7 +147,7 @@ def test_conv3x3_fwd_bwd(benchmark, shape, out_channels, stride):
     what = "no plan: PyTorch's" if plan is None else ", ".join(v for k, v in parts.items() if getattr(plan, k))
     compare(
         benchmark,
-        f"conv3x3_train fwd+bwd {shape}->{out_channels} stride {stride} ({what.strip()})",
+        f"conv3x3_train fwd+bwd {shape}->{out_channels} stride {stride} ({what})",
         x.numel(),
         run(resnet_fast.ops.conv3x3_train),
         {"eager": run(reference.conv3x3_train)},

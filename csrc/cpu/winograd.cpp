@@ -48,6 +48,9 @@ namespace resnet_fast {
 
 namespace {
 
+// Winograd F(2x2, 3x3)'s filter transform G (exact in binary): U = G g G^T per (k, c).
+constexpr double kG[4][3] = {{1., 0., 0.}, {.5, .5, .5}, {.5, -.5, .5}, {0., 0., 1.}};
+
 // V's 16 planes one tile row further apart than `rows` tiles need: at a power-of-two distance the
 // 16 streams of input_tile's stores meet in the same L1 sets. Its planes lie V.stride(0) apart.
 at::Tensor input_scratch(int64_t rows, int64_t C, const at::TensorOptions& options) {
@@ -64,16 +67,23 @@ struct Plan {
   bool relu;
 };
 
+// The 4x4 input pixels of tile (ty, tx) of an H x W map of C channels whose rows from row0 on
+// start at `rows`: a zero row where the tile overhangs the map (padding 1).
+void tile_pixels(const float* rows, int64_t row0, int64_t H, int64_t W, int64_t C, int64_t ty, int64_t tx,
+                 const float* zeros, const float* (&px)[4][4]) {
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t h = 2 * ty - 1 + i, w = 2 * tx - 1 + j;
+      px[i][j] = (h >= 0 && h < H && w >= 0 && w < W) ? rows + ((h - row0) * W + w) * C : zeros;
+    }
+}
+
 // Input tiles [t0, t0 + cnt) into V (16 x vs floats apart, tile q at q * C).
 void input_tiles(const Plan& p, int64_t t0, int64_t cnt, float* V, int64_t vs) {
   for (int64_t q = 0; q < cnt; ++q) {
     const int64_t t = t0 + q, n = t / (p.TH * p.TW), ty = (t / p.TW) % p.TH, tx = t % p.TW;
     const float* px[4][4];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) {
-        const int64_t h = 2 * ty - 1 + i, w = 2 * tx - 1 + j;
-        px[i][j] = (h >= 0 && h < p.H && w >= 0 && w < p.W) ? p.x + ((n * p.H + h) * p.W + w) * p.C : p.zeros;
-      }
+    tile_pixels(p.x + n * p.H * p.W * p.C, 0, p.H, p.W, p.C, ty, tx, p.zeros, px);
     RF_ISA(input_tile)(px, V + q * p.C, vs, p.C);
   }
 }
@@ -215,11 +225,10 @@ at::Tensor winograd_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 && weight.is_floating_point(),
               "winograd_weight: expected a floating-point (K, C, 3, 3) weight, got ", weight.scalar_type(), " ",
               weight.sizes());
-  // U = G g G^T per (k, c), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1] (exact in binary), summed in
-  // double and rounded once to float32: inference's cached transform and training's per-call one are
-  // the same bits. Written straight into U's (16, C, K) layout, with no intermediate tensors
-  // (training transforms 256 x 256 weights at every call; a matmul in double took 20 MB more).
-  static const double G[4][3] = {{1., 0., 0.}, {.5, .5, .5}, {.5, -.5, .5}, {0., 0., 1.}};
+  // U = G g G^T per (k, c) (kG), summed in double and rounded once to float32: inference's cached
+  // transform and training's per-call one are the same bits. Written straight into U's (16, C, K)
+  // layout, with no intermediate tensors (training transforms 256 x 256 weights at every call; a
+  // matmul in double took 20 MB more).
   const int64_t K = weight.size(0), C = weight.size(1);
   at::Tensor U = at::empty({16, C, K}, weight.options().dtype(at::kFloat));
   float* u = U.mutable_data_ptr<float>();
@@ -234,13 +243,13 @@ at::Tensor winograd_weight(const at::Tensor& weight) {
           for (int i = 0; i < 4; ++i)
             for (int s = 0; s < 3; ++s) {
               double v = 0;
-              for (int r = 0; r < 3; ++r) v += G[i][r] * static_cast<double>(g[r * sR + s * sS]);
+              for (int r = 0; r < 3; ++r) v += kG[i][r] * static_cast<double>(g[r * sR + s * sS]);
               t[i][s] = v;
             }
           for (int i = 0; i < 4; ++i)
             for (int j = 0; j < 4; ++j) {
               double v = 0;
-              for (int s = 0; s < 3; ++s) v += t[i][s] * G[j][s];
+              for (int s = 0; s < 3; ++s) v += t[i][s] * kG[j][s];
               u[((4 * i + j) * C + c) * K + k] = static_cast<float>(v);
             }
         }
@@ -265,7 +274,7 @@ at::Tensor winograd_weight(const at::Tensor& weight) {
 namespace {
 
 struct GradPlan {
-  int64_t N, C, H, W, K, TH, TW;
+  int64_t C, H, W, K, TW;
   int64_t band;  // tile rows per work item
   const float* x;
   const float* dy;
@@ -292,11 +301,7 @@ void weight_grad_band(const GradPlan& p, int64_t n, int64_t ty0, int64_t ty1, fl
   for (int64_t q = 0; q < cnt; ++q) {
     const int64_t ty = ty0 + q / p.TW, tx = q % p.TW;
     const float* px[4][4];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) {
-        const int64_t h = 2 * ty - 1 + i, w = 2 * tx - 1 + j;
-        px[i][j] = (h >= 0 && h < p.H && w >= 0 && w < W) ? rows + ((h - row0) * W + w) * C : p.zeros;
-      }
+    tile_pixels(rows, row0, p.H, W, C, ty, tx, p.zeros, px);
     RF_ISA(input_tile)(px, V + q * C, vp, C);
     const float* g[2][2];
     for (int a = 0; a < 2; ++a)
@@ -312,9 +317,9 @@ void weight_grad_band(const GradPlan& p, int64_t n, int64_t ty0, int64_t ty1, fl
 #endif
 }
 
-}  // namespace
-
 bool winograd_weight_grad_can_run(int64_t C, int64_t K) { return use_avx512() && C % 16 == 0 && K % 16 == 0; }
+
+}  // namespace
 
 at::Tensor winograd_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const ReluAffineRows* prologue) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = grad_out.size(1);
@@ -335,7 +340,7 @@ at::Tensor winograd_weight_grad(const at::Tensor& grad_out, const at::Tensor& x,
   // A band's V and Ud (16 x tiles x (C + K) floats) about 512 KB: in L2 while the products sweep them.
   const int64_t target = std::max<int64_t>(1, 8192 / (C + K));
   const int64_t band = std::clamp<int64_t>(target / TW, 1, TH);
-  const GradPlan p{N, C, H, W, K, TH, TW, band, xc.const_data_ptr<float>(), gc.const_data_ptr<float>(),
+  const GradPlan p{C, H, W, K, TW, band, xc.const_data_ptr<float>(), gc.const_data_ptr<float>(),
                    zeros.const_data_ptr<float>(), prologue};
   const int64_t bands = (TH + band - 1) / band, threads = at::get_num_threads(), size = 16 * K * C;
   std::vector<float> acc(size_t(threads) * size, 0.f);
@@ -350,7 +355,6 @@ at::Tensor winograd_weight_grad(const at::Tensor& grad_out, const at::Tensor& x,
     }
   });
   // dW[k, c, r, s] = sum over i, j of G[i][r] M[4i + j][k][c] G[j][s], in channels_last order.
-  static const double G[4][3] = {{1., 0., 0.}, {.5, .5, .5}, {.5, -.5, .5}, {0., 0., 1.}};
   float* o = out.mutable_data_ptr<float>();
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k)
@@ -365,7 +369,7 @@ at::Tensor winograd_weight_grad(const at::Tensor& grad_out, const at::Tensor& x,
           for (int s = 0; s < 3; ++s) {
             double v = 0;
             for (int i = 0; i < 4; ++i)
-              for (int j = 0; j < 4; ++j) v += G[i][r] * m[4 * i + j] * G[j][s];
+              for (int j = 0; j < 4; ++j) v += kG[i][r] * m[4 * i + j] * kG[j][s];
             o[(k * 9 + r * 3 + s) * C + c] = static_cast<float>(v);
           }
       }

@@ -22,8 +22,7 @@ class ReluAffineRows;
 // The weight gradient dW (K, C, 3, 3, channels_last) of the stride-1 convolution by Winograd
 // F(2x2, 3x3) (16 multiplies per 2x2 outputs and channel pair, against the direct one's 36), from
 // grad_out (N, K, H, W) and x (N, C, H, W), or x = relu(x * scale + shift) recomputed from the
-// BatchNorm's input by `prologue`; where winograd_weight_grad_can_run (AVX-512, C and K multiples of 16).
-bool winograd_weight_grad_can_run(int64_t C, int64_t K);
+// BatchNorm's input by `prologue`; on AVX-512 CPUs, C and K multiples of 16 (else a clear error).
 at::Tensor winograd_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const ReluAffineRows* prologue);
 
 }  // namespace resnet_fast
