@@ -211,7 +211,7 @@ class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
 using OptTensor = std::optional<at::Tensor>;
 using Conv3x3Signature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool, const OptTensor&,
                                     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool,
-                                    const OptTensor&, int64_t, int64_t, bool, bool);
+                                    const OptTensor&, int64_t, int64_t, bool, bool, bool, bool);
 
 // x = relu(batch_norm(bn_input)) again, as batch_norm_act made it for a convolution that did not
 // keep it: under create_graph as the forward ran it (batch statistics recomputed, differentiable
@@ -232,13 +232,14 @@ const c10::TypedOperatorHandle<Conv3x3Signature>& conv3x3_op() {
 }
 
 at::Tensor call_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd, bool kernel,
-                        bool tiles) {
+                        bool tiles, bool direct) {
   return conv3x3_op().call(x, weight, stride, winograd, kernel, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
-                           std::nullopt, 0.0, true, std::nullopt, 1, 0, tiles, false);
+                           std::nullopt, 0.0, true, std::nullopt, 1, 0, tiles, false, direct, false);
 }
 
 // conv3x3_train: at stride 1 the input gradient is the op itself on the flipped, transposed weight
-// (so Winograd runs it where it runs the forward: C and K swap, and the rule is symmetric in them;
+// (so Winograd or the direct kernel runs it where it runs the forward: C and K swap, and the rules
+// are symmetric in them;
 // double backward differentiates it again); at stride 2 it is ATen's (oneDNN's backward-data).
 // The weight gradient is conv3x3_weight_grad, by Winograd or our direct kernel where the caller's
 // plan says so.
@@ -255,7 +256,8 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
                                const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& bn_mean,
                                const OptTensor& bn_var, double bn_eps, bool bn_training,
                                const OptTensor& bn_conv_weight, int64_t bn_conv_stride, int64_t bn_conv_padding,
-                               bool winograd_tiles, bool weight_grad_winograd) {
+                               bool winograd_tiles, bool weight_grad_winograd, bool direct,
+                               bool weight_grad_direct) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool recompute = bn_input.has_value();
     if (recompute)
@@ -273,17 +275,19 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     ctx->saved_data["winograd_tiles"] = winograd_tiles;
     ctx->saved_data["weight_grad_kernel"] = weight_grad_kernel;
     ctx->saved_data["weight_grad_winograd"] = weight_grad_winograd;
+    ctx->saved_data["direct"] = direct;
+    ctx->saved_data["weight_grad_direct"] = weight_grad_direct;
     ctx->saved_data["recompute"] = recompute;
     ctx->saved_data["bn_eps"] = bn_eps;
     ctx->saved_data["bn_training"] = bn_training;
     return {conv3x3_op().call(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
                               bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding,
-                              winograd_tiles, weight_grad_winograd)};
+                              winograd_tiles, weight_grad_winograd, direct, weight_grad_direct)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     using WeightGradSignature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, const OptTensor&,
-                                           const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
+                                           const OptTensor&, const OptTensor&, const OptTensor&, double, bool, bool);
     static const auto weight_grad_op = c10::Dispatcher::singleton()
                                            .findSchemaOrThrow("resnet_fast::conv3x3_weight_grad", "")
                                            .typed<WeightGradSignature>();
@@ -297,6 +301,8 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     const bool winograd = ctx->saved_data["winograd"].toBool();
     const bool kernel = ctx->saved_data["weight_grad_kernel"].toBool();
     const bool wgrad_winograd = ctx->saved_data["weight_grad_winograd"].toBool();
+    const bool direct = ctx->saved_data["direct"].toBool();
+    const bool wgrad_direct = ctx->saved_data["weight_grad_direct"].toBool();
     const bool recompute = ctx->saved_data["recompute"].toBool();
     at::Tensor grad_x, grad_weight;
     if (ctx->needs_input_grad(0)) {
@@ -306,9 +312,9 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
       // ATen's input gradient, as PyTorch's convolution runs it: the plan (False, False), which runs
       // our op only to recompute x, would pay for the flipped weight's copy (512 x 512 channels:
       // 10 ms a call, the input gradient 12 ms). It reads only x's shape, which bn_input shares.
-      if (stride == 1 && (winograd || kernel)) {
+      if (stride == 1 && (winograd || kernel || direct)) {
         grad_x = call_conv3x3(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false,
-                              ctx->saved_data["winograd_tiles"].toBool());
+                              ctx->saved_data["winograd_tiles"].toBool(), direct);
       } else {
         // A tensor of x's shape: the stem's input has another. Never written or read: an unfilled
         // buffer's pages are not touched.
@@ -323,7 +329,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     if (ctx->needs_input_grad(1)) {
       if (!recompute) {
         grad_weight = weight_grad_op.call(grads[0], x, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
-                                          std::nullopt, 0.0, wgrad_winograd);
+                                          std::nullopt, 0.0, wgrad_winograd, wgrad_direct);
       } else {
         const at::Tensor &bn_weight = saved[2], &bn_bias = saved[3], &mean = saved[4], &var = saved[5];
         const double eps = ctx->saved_data["bn_eps"].toDouble();
@@ -334,16 +340,17 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
         if (at::GradMode::is_enabled()) {
           const at::Tensor input = recompute_bn_relu(x, bn_weight, bn_bias, mean, var, eps, training);
           grad_weight = weight_grad_op.call(grads[0], input, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
-                                            std::nullopt, 0.0, wgrad_winograd);
+                                            std::nullopt, 0.0, wgrad_winograd, wgrad_direct);
         } else {
           grad_weight =
-              weight_grad_op.call(grads[0], x, stride, kernel, bn_weight, bn_bias, mean, var, eps, wgrad_winograd);
+              weight_grad_op.call(grads[0], x, stride, kernel, bn_weight, bn_bias, mean, var, eps, wgrad_winograd,
+                                  wgrad_direct);
         }
       }
       if (!grad_weight.is_contiguous(weight.suggest_memory_format()))  // the parameter's own layout
         grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
     }
-    variable_list out(17);  // one per argument: x and weight get gradients; bn_* make x, which carries them
+    variable_list out(19);  // one per argument: x and weight get gradients; bn_* make x, which carries them
     out[0] = grad_x;
     out[1] = grad_weight;
     return out;
@@ -355,10 +362,10 @@ at::Tensor conv3x3_train_autograd(const at::Tensor& x, const at::Tensor& weight,
                                   const OptTensor& bn_bias, const OptTensor& bn_mean, const OptTensor& bn_var,
                                   double bn_eps, bool bn_training, const OptTensor& bn_conv_weight,
                                   int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles,
-                                  bool weight_grad_winograd) {
+                                  bool weight_grad_winograd, bool direct, bool weight_grad_direct) {
   return Conv3x3Train::apply(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
                              bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding,
-                             winograd_tiles, weight_grad_winograd)[0];
+                             winograd_tiles, weight_grad_winograd, direct, weight_grad_direct)[0];
 }
 
 // conv1x1_train: x = relu(batch_norm(bn_input)) is not kept. The input gradient is ATen's

@@ -398,6 +398,33 @@ def weight_grad_winograd_applies(in_channels: int, out_channels: int, stride: in
     )
 
 
+# The stride-1 3x3 forward and input gradient in training by our direct AVX-512 kernel
+# (csrc/cpu/conv3x3_direct.cpp: a register tile of 16 pixels x 16 output channels, one FMA with its
+# input broadcast from memory per pixel, channel and tap) where oneDNN's is slow and Winograd does
+# not run: channel counts multiples of 16, up to DIRECT_MAX_CHANNELS in and out (ResNet-20's and
+# the CIFAR nets' first stage). See the CHANGELOG (2026-12-07, twenty-fourth session) for the
+# measurements.
+DIRECT_CONV3X3 = True
+DIRECT_MAX_CHANNELS = 16
+# The weight gradient by the same file's direct kernel, where direct_applies holds and Winograd's
+# weight gradient does not run.
+DIRECT_WEIGHT_GRAD = True
+
+
+def direct_applies(in_channels: int, out_channels: int, stride: int) -> bool:
+    """Whether a training 3x3 convolution's forward and input gradient run by our direct kernel
+    (see DIRECT_CONV3X3); the rule is symmetric in C and K, as the input gradient swaps them."""
+    c, k = in_channels, out_channels
+    return (
+        DIRECT_CONV3X3
+        and _AVX512
+        and stride == 1
+        and c % 16 == 0
+        and k % 16 == 0
+        and 0 < max(c, k) <= DIRECT_MAX_CHANNELS
+    )
+
+
 # Issue 18's fusion across the convolution in training, on GPUs: a residual block's convolutions
 # by ``norm_conv`` (Triton), each BatchNorm's statistics reduced in its convolution's epilogue and
 # its scale, shift and ReLU applied in the next one's prologue, the backward fused the same way.
@@ -450,7 +477,7 @@ def norm_conv_block_applies(block: nn.Module, x: Tensor) -> bool:
 
 class Conv3x3Plan(NamedTuple):
     """How ``resnet_fast::conv3x3_train`` runs one convolution: the forward (and, at stride 1, the
-    input gradient, which is a stride-1 convolution too) by Winograd or by ATen's, the weight
+    input gradient, which is a stride-1 convolution too) by Winograd, by our direct kernel or by ATen's, the weight
     gradient by our kernel or by ATen's; Winograd's 16 products by our register tiles (where
     :func:`winograd_tiles` holds for the forward's channels and the input gradient's, swapped) or by
     at::bmm."""
@@ -459,6 +486,8 @@ class Conv3x3Plan(NamedTuple):
     weight_grad_kernel: bool
     winograd_tiles: bool = False
     weight_grad_winograd: bool = False
+    direct: bool = False
+    weight_grad_direct: bool = False
 
     def op_kwargs(self) -> dict:
         """The op's keyword arguments for this plan (``winograd`` and ``weight_grad_kernel`` are
@@ -466,6 +495,8 @@ class Conv3x3Plan(NamedTuple):
         return {
             "winograd_tiles": self.winograd_tiles,
             "weight_grad_winograd": self.weight_grad_winograd,
+            "direct": self.direct,
+            "weight_grad_direct": self.weight_grad_direct,
         }
 
 
@@ -497,6 +528,8 @@ def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int, source_impl: str 
         weight_grad_kernel_applies(c, k),
         winograd and winograd_tiles(c, k) and winograd_tiles(k, c),
         weight_grad_winograd_applies(c, k, stride),
+        not winograd and direct_applies(c, k, stride),
+        DIRECT_WEIGHT_GRAD and direct_applies(c, k, stride) and not weight_grad_winograd_applies(c, k, stride),
     )
     return plan if any(plan) or (RECOMPUTE_CONV_INPUT and source_impl == "cpu") else None
 

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "cpu/batch_norm_act.h"
+#include "cpu/conv3x3_direct.h"
 #include "cpu/isa.h"
 #include "cpu/winograd.h"
 
@@ -211,7 +212,7 @@ bool kernel_can_run(const at::Tensor& grad_out, const at::Tensor& x) {
 at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, int64_t stride, bool kernel,
                                    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
                                    const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
-                                   double bn_eps, bool winograd) {
+                                   double bn_eps, bool winograd, bool direct) {
   TORCH_CHECK(input.dim() == 4 && grad_out.dim() == 4,
               "conv3x3_weight_grad: expected 4-D (N, C, H, W) tensors, got x of ", input.dim(), "-D and grad_out of ",
               grad_out.dim(), "-D");
@@ -236,6 +237,18 @@ at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor&
               " (3x3, padding 1, stride ", stride, ": expected (", N, ", K, ", conv_out_size(H, stride), ", ",
               conv_out_size(W, stride), "))");
   const auto cl = at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(!(winograd && direct), "conv3x3_weight_grad: winograd and direct are two ways to run it; pass one");
+  if (direct) {
+    TORCH_CHECK(stride == 1, "conv3x3_weight_grad: the direct kernel runs stride 1 only, got stride ", stride,
+                " (pass direct=False)");
+    // Where it cannot run (no AVX-512, K not a multiple of 16), ATen's, as below.
+    if (use_avx512() && input.scalar_type() == at::kFloat && K % 16 == 0) {
+      std::optional<ReluAffineRows> rows;
+      if (prologue) rows.emplace(scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), C);
+      return conv3x3_direct_weight_grad(grad_out, input, rows.has_value() ? &*rows : nullptr);
+    }
+    kernel = false;
+  }
   if (winograd) {
     TORCH_CHECK(stride == 1, "conv3x3_weight_grad: the Winograd weight gradient runs stride 1 only, got stride ",
                 stride, " (pass winograd=False)");
@@ -288,7 +301,7 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
                              const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
                              double /*bn_eps*/, bool /*bn_training*/, const std::optional<at::Tensor>& bn_conv_weight,
                              int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles,
-                             bool /*weight_grad_winograd*/) {
+                             bool /*weight_grad_winograd*/, bool direct, bool /*weight_grad_direct*/) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "conv3x3_train: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
   TORCH_CHECK(!bn_conv_weight.has_value() || bn_input.has_value(),
@@ -320,6 +333,14 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
                   " channels");
   }
   TORCH_CHECK(stride == 1 || stride == 2, "conv3x3_train: expected stride 1 or 2, got ", stride);
+  TORCH_CHECK(!(winograd && direct), "conv3x3_train: winograd and direct are two ways to run the forward; pass one");
+  if (direct) {  // our direct kernel where it can run (AVX-512, K % 16 == 0), else ATen's
+    TORCH_CHECK(stride == 1, "conv3x3_train: the direct kernel runs stride 1 only, got stride ", stride);
+    if (conv3x3_direct_can_run(x, weight)) return conv3x3_direct(x, weight);
+    // Elsewhere ATen's, in the kernel's output layout (the op's fake kernel promises channels_last).
+    return at::convolution(x, weight, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1)
+        .contiguous(at::MemoryFormat::ChannelsLast);
+  }
   if (winograd) {  // the weight transformed at each call: it changes at every step
     TORCH_CHECK(stride == 1, "conv3x3_train: Winograd F(2x2, 3x3) runs stride 1 only, got stride ", stride);
     return winograd_conv3x3(x, winograd_weight(weight), at::zeros({weight.size(0)}, x.options()), std::nullopt, false,

@@ -152,6 +152,8 @@ PLANS = {
     "winograd+our-wgrad": Plan(True, True),
     "winograd-wgrad": Plan(False, False, weight_grad_winograd=True),
     "winograd+winograd-wgrad": Plan(True, False, winograd_tiles=True, weight_grad_winograd=True),
+    "direct": Plan(False, False, direct=True),
+    "direct+direct-wgrad": Plan(False, False, direct=True, weight_grad_direct=True),
 }
 
 
@@ -162,8 +164,9 @@ def conv3x3(x, w, stride, plan, *bn):
 
 def plan_runs(plan, stride, c, k):
     """Winograd (forward and weight gradient) runs stride 1 only; Winograd's weight gradient and
-    tiles take multiples of 16 channels, our direct weight gradient C % 8 == 0 and K % 4 == 0."""
-    if (plan.winograd or plan.weight_grad_winograd) and stride != 1:
+    tiles take multiples of 16 channels, our direct weight gradient C % 8 == 0 and K % 4 == 0; the
+    direct AVX-512 kernel runs stride 1 only (other channel counts: ATen's)."""
+    if (plan.winograd or plan.weight_grad_winograd or plan.direct or plan.weight_grad_direct) and stride != 1:
         return False
     if (plan.weight_grad_winograd or plan.winograd_tiles) and (c % 16 or k % 16):
         return False
@@ -246,9 +249,13 @@ def test_training_plans(monkeypatch, avx512):
     monkeypatch.setattr(_routing, "WINOGRAD_TILES", avx512)
     a = avx512
 
-    def plan(n, c, h, k, stride=1, source_impl=None):
+    def full(n, c, h, k, stride=1, source_impl=None):
         x = torch.randn(n, c, h, h)
         return _routing.conv3x3_train_plan(x, torch.randn(k, c, 3, 3, requires_grad=True), stride, source_impl)
+
+    def plan(*args, **kwargs):  # the fields before the direct kernel's
+        p = full(*args, **kwargs)
+        return None if p is None else tuple(p)[:4]
 
     # (winograd, weight_grad_kernel, winograd_tiles, weight_grad_winograd): Winograd's products by
     # our register tiles on AVX-512 CPUs, from 64 channels in and out, both multiples of 16 (the
@@ -264,7 +271,7 @@ def test_training_plans(monkeypatch, avx512):
     assert plan(2, 32, 16, 32) == ((True, False, True, True) if a else (False, True, False, False))
     assert plan(2, 32, 16, 40) == (None if a else (False, True, False, False))  # 40 % 16 != 0
     assert plan(2, 512, 7, 512) is None  # 512 x 512: the per-call transform's memory; 512 > 128 for ours
-    assert plan(2, 16, 32, 16) == (None if a else (False, True, False, False))  # 16 < 32 for Winograd's wgrad
+    assert plan(2, 16, 32, 16) == ((False,) * 4 if a else (False, True, False, False))  # 16 < 32 for Winograd's wgrad
     assert plan(2, 16, 32, 32, stride=2) == (None if a else (False, True, False, False))
     with torch.no_grad():
         assert plan(2, 64, 56, 64) is None  # nothing to differentiate: PyTorch's convolution
@@ -279,6 +286,19 @@ def test_training_plans(monkeypatch, avx512):
     monkeypatch.setattr(_routing, "WINOGRAD_WEIGHT_GRAD", False)
     assert plan(2, 64, 56, 64) == (True, not a, a, False)
     assert plan(2, 64, 7, 64) == (None if a else (True, True, False, False))
+    # (direct, weight_grad_direct): the direct AVX-512 kernel on the 16-channel stride-1 3x3s, its
+    # weight gradient where Winograd's does not run.
+    monkeypatch.setattr(_routing, "WINOGRAD_WEIGHT_GRAD", True)
+    assert full(2, 16, 32, 16)[4:] == (a, a)
+    assert full(2, 16, 7, 16)[4:] == (a, a)
+    assert full(2, 16, 32, 16, source_impl="cpu")[4:] == (a, a)
+    assert full(2, 32, 16, 32)[4:] == (False, False)  # Winograd's
+    assert full(2, 16, 32, 24) is None or full(2, 16, 32, 24)[4:] == (False, False)  # 24 % 16 != 0
+    assert full(2, 16, 32, 32, stride=2) is None or full(2, 16, 32, 32, stride=2)[4:] == (False, False)
+    monkeypatch.setattr(_routing, "DIRECT_WEIGHT_GRAD", False)
+    assert full(2, 16, 32, 16)[4:] == (a, False)
+    monkeypatch.setattr(_routing, "DIRECT_CONV3X3", False)
+    assert full(2, 16, 32, 16) == (None if a else (False, True, False, False, False, False))
 
 
 def test_gradcheck():
@@ -353,12 +373,10 @@ def test_models_route_their_3x3_convolutions_as_planned(monkeypatch, avx512):
     names = op_names(lambda: model(x).sum().backward())
     if avx512:
         # Winograd by our tiles (forward, input gradient, weight gradient) on the 32- and 64-channel
-        # stages' 10 stride-1 3x3s; on the 16-channel stage the 3 second 3x3s and the first block's
-        # first (whose input is the stem's output) run our op with oneDNN's convolutions, to keep
-        # the BatchNorm's input instead of theirs (their input gradient is ATen's); the others,
-        # whose input has a residual, are PyTorch's.
-        assert names.count("resnet_fast::conv3x3_train") == 10 + 10 + 4
-        assert names.count("resnet_fast::conv3x3_weight_grad") == 10 + 4
+        # stages' 10 stride-1 3x3s; the direct kernel (forward, input gradient, weight gradient) on
+        # the 16-channel stage's 6.
+        assert names.count("resnet_fast::conv3x3_train") == 10 + 10 + 6 + 6
+        assert names.count("resnet_fast::conv3x3_weight_grad") == 10 + 6
         assert "aten::bmm" not in names
     else:
         # Every 3x3 convolution after the stem (whose 3 input channels our weight gradient does not
@@ -634,3 +652,138 @@ def test_opcheck_with_a_recomputed_input():
         )
     g = make_input((2, 4, 6, 5), torch.float32, "channels_last")
     torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x1.detach(), 1, True, *random_bn(8), 1e-5))
+
+
+# -- the direct AVX-512 kernel (direct=True: forward and input gradient; weight_grad_direct / the
+# weight gradient op's direct=True) -------------------------------------------------------------
+
+# (N, C, H, W, K), stride 1. The kernel takes K % 16 == 0 and any C (padded to blocks of 16 in its
+# buffer); elsewhere (or without AVX-512) the op runs ATen's, which these tests check just the same.
+DIRECT_SHAPES = [
+    (4, 16, 32, 32, 16),  # ResNet-20's first stage: two 16-pixel tiles per row
+    (3, 16, 7, 5, 32),  # two blocks of output channels; tiles of 4 and 1; an odd batch
+    (1, 16, 40, 29, 16),  # batch 1: bands of rows over the threads; 16 + 8 + 4 + 1 pixels a row
+    (2, 20, 6, 6, 16),  # C % 16 != 0: a zero-padded channel block
+    (2, 3, 9, 33, 16),  # 3 input channels (the input gradient's K = 3: ATen's)
+    (2, 16, 1, 1, 16),  # 1x1 map: every tap but the centre is padding
+    (2, 48, 5, 19, 48),  # three channel blocks each way
+    (2, 16, 6, 6, 24),  # K % 16 != 0: ATen's
+]
+DIRECT = Plan(False, False, direct=True, weight_grad_direct=True)
+
+
+def direct_error_bound(got, exact, theirs):
+    """No more than 2x the error of PyTorch's float32 (oneDNN's) on the same data, with a floor of
+    16 float32 roundings of the result's largest value: on small sums which of two float32 orders
+    rounds better is chance (the 2x bound proper is checked on ResNet-20's shapes below); a wrong
+    tap or channel is off by the size of a term."""
+    floor = 16 * torch.finfo(torch.float32).eps * exact.abs().max().item()
+    return (got.double() - exact).abs().max().item() <= max(2 * (theirs.double() - exact).abs().max().item(), floor)
+
+
+@pytest.mark.parametrize("shape", DIRECT_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "noncontiguous"])
+def test_direct_matches_formula(shape, layout):
+    """Forward, input gradient and weight gradient against the formula in float64, each within 2x
+    PyTorch's float32 error."""
+    n, c, h, w, k = shape
+    x = make_input((n, c, h, w), torch.float32, layout, requires_grad=True)
+    wt = make_input((k, c, 3, 3), torch.float32, "contiguous", requires_grad=True)
+    y = conv3x3(x, wt, 1, DIRECT)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, wt), grad)
+    x64, w64 = x.detach().double().requires_grad_(True), wt.detach().double().requires_grad_(True)
+    y64 = reference.conv3x3_train(x64, w64, 1)
+    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), grad.double())
+    xt, wtt = x.detach().requires_grad_(True), wt.detach().requires_grad_(True)
+    yt = F.conv2d(xt, wtt, None, 1, 1)
+    gxt, gwt = torch.autograd.grad(yt, (xt, wtt), grad)
+    for got, exact, theirs in ((y, y64, yt), (gx, gx64, gxt), (gw, gw64, gwt)):
+        assert got.shape == exact.shape and got.dtype == torch.float32
+        assert direct_error_bound(got, exact, theirs)
+    assert gw.stride() == wt.stride()
+
+
+@pytest.mark.parametrize("shape", [s for s in DIRECT_SHAPES if s[4] % 16 == 0], ids=str)
+@pytest.mark.parametrize("prologue", [False, True], ids=["x", "relu(bn(x))"])
+def test_direct_weight_grad_matches_formula(shape, prologue):
+    n, c, h, w, k = shape
+    x = make_input((n, c, h, w), torch.float32, "noncontiguous")
+    grad_out = make_input((n, k, h, w), torch.float32, "contiguous")
+    bn = random_bn(c) if prologue else (None,) * 4
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False, *bn, 1e-5, direct=True)
+    assert_weight_grad_close(got, grad_out, bn_relu_formula(x, *bn) if prologue else x, 1)
+
+
+def test_direct_is_as_accurate_as_pytorch_on_resnet20s_stage():
+    x = torch.randn(8, 16, 32, 32).relu().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = (torch.randn(16, 16, 3, 3) * 0.1).requires_grad_(True)
+    y = conv3x3(x, w, 1, DIRECT)
+    grad = torch.randn_like(y)
+    got = (y, *torch.autograd.grad(y, (x, w), grad))
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    y64 = reference.conv3x3_train(x64, w64, 1)
+    exact = (y64, *torch.autograd.grad(y64, (x64, w64), grad.double()))
+    y32 = F.conv2d(x, w, None, 1, 1)
+    theirs = (y32, *torch.autograd.grad(y32, (x, w), grad))
+    for g, e, t in zip(got, exact, theirs):
+        ours_err, theirs_err = (g.double() - e).abs().max(), (t.double() - e).abs().max()
+        assert ours_err <= 2 * theirs_err, (ours_err, theirs_err)
+
+
+def test_direct_reads_nothing_outside_the_input():
+    """Padding is zeros, not the neighbouring pixels or images (NaN here): forward and weight
+    gradient, with and without the prologue."""
+    x_all = torch.full((4, 16, 6, 5), float("nan")).contiguous(memory_format=torch.channels_last)
+    g_all = torch.full((4, 16, 6, 5), float("nan")).contiguous(memory_format=torch.channels_last)
+    x, grad_out = x_all[1:3], g_all[1:3]
+    x.copy_(torch.rand(x.shape))
+    grad_out.copy_(torch.randn(grad_out.shape))
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.storage_offset() > 0
+    w = torch.randn(16, 16, 3, 3)
+    y = torch.ops.resnet_fast.conv3x3_train(x, w, 1, False, False, direct=True)
+    assert not y.isnan().any()
+    torch.testing.assert_close(y.double(), reference.conv3x3_train(x.double(), w.double(), 1), rtol=1e-5, atol=1e-5)
+    bn = random_bn(16, positive=True)
+    for extra, x_in in (((None,) * 4, x), (bn, bn_relu_formula(x, *bn))):
+        got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False, *extra, 1e-5, direct=True)
+        assert not got.isnan().any()
+        assert_weight_grad_close(got, grad_out, x_in, 1)
+
+
+def test_direct_non_finite_values_reach_what_they_reach_in_pytorch():
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    x[0, 3, 0, 0] = float("inf")  # a corner: only some outputs and taps see it
+    w = torch.randn(16, 16, 3, 3)
+    got = torch.ops.resnet_fast.conv3x3_train(x, w, 1, False, False, direct=True)
+    expected = F.conv2d(x, w, None, 1, 1)
+    assert torch.equal(got.isfinite(), expected.isfinite()) and not got.isfinite().all()
+    grad_out = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False, direct=True)
+    expected = reference.conv3x3_weight_grad(grad_out, x, 1)
+    assert torch.equal(got.isfinite(), expected.isfinite()) and not got.isfinite().all()
+
+
+def test_direct_refuses_what_it_cannot_run():
+    x, w = torch.randn(1, 16, 5, 5), torch.randn(16, 16, 3, 3)
+    with pytest.raises(RuntimeError, match="direct kernel runs stride 1 only"):
+        torch.ops.resnet_fast.conv3x3_train(x, w, 2, False, False, direct=True)
+    with pytest.raises(RuntimeError, match="winograd and direct are two ways"):
+        torch.ops.resnet_fast.conv3x3_train(x, w, 1, True, False, direct=True)
+    g = torch.randn(1, 16, 3, 3)
+    with pytest.raises(RuntimeError, match="direct kernel runs stride 1 only.*pass direct=False"):
+        torch.ops.resnet_fast.conv3x3_weight_grad(g, x, 2, False, direct=True)
+    with pytest.raises(RuntimeError, match="winograd and direct are two ways"):
+        torch.ops.resnet_fast.conv3x3_weight_grad(torch.randn(1, 16, 5, 5), x, 1, False, winograd=True, direct=True)
+
+
+def test_direct_opcheck():
+    x = make_input((2, 16, 6, 5), torch.float32, "contiguous", requires_grad=True)
+    w = make_input((16, 16, 3, 3), torch.float32, "contiguous", requires_grad=True)
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_train, (x, w, 1, False, False),
+                          {"direct": True, "weight_grad_direct": True})
+    g = make_input((2, 32, 6, 5), torch.float32, "channels_last")
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x.detach(), 1, False), {"direct": True})
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x.detach(), 1, False, *random_bn(16), 1e-5),
+                          {"direct": True})

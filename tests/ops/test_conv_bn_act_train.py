@@ -238,8 +238,13 @@ def test_a_projection_trains_as_pytorchs():
 # -- the first block's 3x3 convolution, told how the stem made its input ------------------------
 
 
-@pytest.mark.parametrize("plan", [(False, False), (True, False), (False, True)], ids=["aten", "winograd", "our-dW"])
-def test_a_3x3_after_the_stem_recomputes_its_input_bit_for_bit(plan):
+@pytest.mark.parametrize(
+    "plan, kwargs",
+    [((False, False), {}), ((True, False), {}), ((False, True), {}),
+     ((False, False), {"direct": True, "weight_grad_direct": True})],
+    ids=["aten", "winograd", "our-dW", "direct"],
+)
+def test_a_3x3_after_the_stem_recomputes_its_input_bit_for_bit(plan, kwargs):
     base = leaves(SHAPES[0], torch.float32, "contiguous")
     w2 = make_input((16, 16, 3, 3), torch.float32, "channels_last") * 0.2
     results = []
@@ -249,7 +254,7 @@ def test_a_3x3_after_the_stem_recomputes_its_input_bit_for_bit(plan):
         a, mean, var = recomputed(base[0], ts[0], 1, 1, ts[1], ts[2])
         extra = (base[0], ts[1], ts[2], mean, var, EPS, True, ts[0], 1, 1) if from_stem else ()
         with kept_storages() as kept:
-            z = torch.ops.resnet_fast.conv3x3_train(a, w, 1, *plan, *extra)
+            z = torch.ops.resnet_fast.conv3x3_train(a, w, 1, *plan, *extra, **kwargs)
         assert (a.untyped_storage().data_ptr() in kept) != from_stem
         z.backward(torch.linspace(-1, 1, z.numel()).reshape(z.shape))
         results.append([z.detach(), w.grad] + [t.grad for t in ts])
