@@ -175,27 +175,25 @@ def test_conv3x3_weight_grad_winograd(benchmark, shape):
             pairs=30, rounds=10)
 
 
-@pytest.mark.parametrize("part", ["forward", "input gradient", "weight gradient"])
+@pytest.mark.parametrize("part", ["forward", "input gradient"])
 def test_conv3x3_direct(benchmark, part):
     """ResNet-20's 16-channel stride-1 3x3 at batch 128 in training, channels_last float32: our
-    direct AVX-512 kernel (conv3x3_train's `direct`, conv3x3_weight_grad's `direct`) against
-    oneDNN's, the call PyTorch's convolution and its backward make for each part."""
+    direct AVX-512 kernel (conv3x3_train's `direct`) against oneDNN's, the call PyTorch's
+    convolution and its backward make for each part."""
     if _routing.CPU_CAPABILITY != "AVX512":
         pytest.skip("the direct kernel needs AVX-512")
     cl = torch.channels_last
     x = torch.randn(128, 16, 32, 32).relu().contiguous(memory_format=cl)
     grad = torch.randn(128, 16, 32, 32).contiguous(memory_format=cl)
     w = (torch.randn(16, 16, 3, 3) * 0.1).contiguous(memory_format=cl)
-    conv, wgrad = torch.ops.resnet_fast.conv3x3_train, torch.ops.resnet_fast.conv3x3_weight_grad
+    conv = torch.ops.resnet_fast.conv3x3_train
     shape = [1, 1], [1, 1], [1, 1], False, [0, 0], 1
     if part == "forward":
         ours, theirs = lambda: conv(x, w, 1, False, False, direct=True), lambda: F.conv2d(x, w, None, 1, 1)
-    elif part == "input gradient":  # the op on the flipped, transposed weight, as its autograd runs it
+    else:  # the op on the flipped, transposed weight, as its autograd runs it
         wt = w.flip((2, 3)).transpose(0, 1)
         ours = lambda: conv(grad, wt, 1, False, False, direct=True)  # noqa: E731
         theirs = lambda: torch.ops.aten.convolution_backward(grad, x, w, None, *shape, [True, False, False])  # noqa: E731
-    else:
-        ours, theirs = lambda: wgrad(grad, x, 1, False, direct=True), lambda: wgrad(grad, x, 1, False)
     compare(benchmark, f"conv3x3 direct (128, 16, 32, 32)->16 {part}", 128, ours, {"oneDNN": theirs},
             pairs=30, rounds=10)
 

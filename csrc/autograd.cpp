@@ -211,7 +211,7 @@ class ZeroPadShortcut : public torch::autograd::Function<ZeroPadShortcut> {
 using OptTensor = std::optional<at::Tensor>;
 using Conv3x3Signature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, bool, const OptTensor&,
                                     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool,
-                                    const OptTensor&, int64_t, int64_t, bool, bool, bool, bool);
+                                    const OptTensor&, int64_t, int64_t, bool, bool, bool);
 
 // x = relu(batch_norm(bn_input)) again, as batch_norm_act made it for a convolution that did not
 // keep it: under create_graph as the forward ran it (batch statistics recomputed, differentiable
@@ -234,7 +234,7 @@ const c10::TypedOperatorHandle<Conv3x3Signature>& conv3x3_op() {
 at::Tensor call_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t stride, bool winograd, bool kernel,
                         bool tiles, bool direct) {
   return conv3x3_op().call(x, weight, stride, winograd, kernel, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
-                           std::nullopt, 0.0, true, std::nullopt, 1, 0, tiles, false, direct, false);
+                           std::nullopt, 0.0, true, std::nullopt, 1, 0, tiles, false, direct);
 }
 
 // conv3x3_train: at stride 1 the input gradient is the op itself on the flipped, transposed weight
@@ -256,8 +256,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
                                const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& bn_mean,
                                const OptTensor& bn_var, double bn_eps, bool bn_training,
                                const OptTensor& bn_conv_weight, int64_t bn_conv_stride, int64_t bn_conv_padding,
-                               bool winograd_tiles, bool weight_grad_winograd, bool direct,
-                               bool weight_grad_direct) {
+                               bool winograd_tiles, bool weight_grad_winograd, bool direct) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool recompute = bn_input.has_value();
     if (recompute)
@@ -276,18 +275,17 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     ctx->saved_data["weight_grad_kernel"] = weight_grad_kernel;
     ctx->saved_data["weight_grad_winograd"] = weight_grad_winograd;
     ctx->saved_data["direct"] = direct;
-    ctx->saved_data["weight_grad_direct"] = weight_grad_direct;
     ctx->saved_data["recompute"] = recompute;
     ctx->saved_data["bn_eps"] = bn_eps;
     ctx->saved_data["bn_training"] = bn_training;
     return {conv3x3_op().call(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
                               bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding,
-                              winograd_tiles, weight_grad_winograd, direct, weight_grad_direct)};
+                              winograd_tiles, weight_grad_winograd, direct)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     using WeightGradSignature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, bool, const OptTensor&,
-                                           const OptTensor&, const OptTensor&, const OptTensor&, double, bool, bool);
+                                           const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
     static const auto weight_grad_op = c10::Dispatcher::singleton()
                                            .findSchemaOrThrow("resnet_fast::conv3x3_weight_grad", "")
                                            .typed<WeightGradSignature>();
@@ -302,7 +300,6 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     const bool kernel = ctx->saved_data["weight_grad_kernel"].toBool();
     const bool wgrad_winograd = ctx->saved_data["weight_grad_winograd"].toBool();
     const bool direct = ctx->saved_data["direct"].toBool();
-    const bool wgrad_direct = ctx->saved_data["weight_grad_direct"].toBool();
     const bool recompute = ctx->saved_data["recompute"].toBool();
     at::Tensor grad_x, grad_weight;
     if (ctx->needs_input_grad(0)) {
@@ -329,7 +326,7 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
     if (ctx->needs_input_grad(1)) {
       if (!recompute) {
         grad_weight = weight_grad_op.call(grads[0], x, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
-                                          std::nullopt, 0.0, wgrad_winograd, wgrad_direct);
+                                          std::nullopt, 0.0, wgrad_winograd);
       } else {
         const at::Tensor &bn_weight = saved[2], &bn_bias = saved[3], &mean = saved[4], &var = saved[5];
         const double eps = ctx->saved_data["bn_eps"].toDouble();
@@ -340,17 +337,16 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
         if (at::GradMode::is_enabled()) {
           const at::Tensor input = recompute_bn_relu(x, bn_weight, bn_bias, mean, var, eps, training);
           grad_weight = weight_grad_op.call(grads[0], input, stride, kernel, std::nullopt, std::nullopt, std::nullopt,
-                                            std::nullopt, 0.0, wgrad_winograd, wgrad_direct);
+                                            std::nullopt, 0.0, wgrad_winograd);
         } else {
           grad_weight =
-              weight_grad_op.call(grads[0], x, stride, kernel, bn_weight, bn_bias, mean, var, eps, wgrad_winograd,
-                                  wgrad_direct);
+              weight_grad_op.call(grads[0], x, stride, kernel, bn_weight, bn_bias, mean, var, eps, wgrad_winograd);
         }
       }
       if (!grad_weight.is_contiguous(weight.suggest_memory_format()))  // the parameter's own layout
         grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
     }
-    variable_list out(19);  // one per argument: x and weight get gradients; bn_* make x, which carries them
+    variable_list out(18);  // one per argument: x and weight get gradients; bn_* make x, which carries them
     out[0] = grad_x;
     out[1] = grad_weight;
     return out;
@@ -362,10 +358,10 @@ at::Tensor conv3x3_train_autograd(const at::Tensor& x, const at::Tensor& weight,
                                   const OptTensor& bn_bias, const OptTensor& bn_mean, const OptTensor& bn_var,
                                   double bn_eps, bool bn_training, const OptTensor& bn_conv_weight,
                                   int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles,
-                                  bool weight_grad_winograd, bool direct, bool weight_grad_direct) {
+                                  bool weight_grad_winograd, bool direct) {
   return Conv3x3Train::apply(x, weight, stride, winograd, weight_grad_kernel, bn_input, bn_weight, bn_bias, bn_mean,
                              bn_var, bn_eps, bn_training, bn_conv_weight, bn_conv_stride, bn_conv_padding,
-                             winograd_tiles, weight_grad_winograd, direct, weight_grad_direct)[0];
+                             winograd_tiles, weight_grad_winograd, direct)[0];
 }
 
 // conv1x1_train: x = relu(batch_norm(bn_input)) is not kept. The input gradient is ATen's

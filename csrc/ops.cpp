@@ -90,8 +90,7 @@ TORCH_LIBRARY(resnet_fast, m) {
   // `winograd`; AVX-512, channel counts multiples of 16), ahead of `weight_grad_kernel`.
   // `direct`: at stride 1, the forward and the input gradient by our direct AVX-512 kernel
   // (cpu/conv3x3_direct.cpp; K a multiple of 16, the input gradient's C too), else ATen's; not with
-  // `winograd`. `weight_grad_direct`: at stride 1, the weight gradient by the same file's direct
-  // kernel (conv3x3_weight_grad's `direct`), ahead of the other weight gradient flags.
+  // `winograd`.
   // conv3x3_weight_grad returns dW of shape (K, C, 3, 3) in channels_last.
   // bn_input (with bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training): x is
   // batch_norm_act(bn_input, ...)'s output with ReLU and no residual, normalised with bn_mean and
@@ -105,14 +104,14 @@ TORCH_LIBRARY(resnet_fast, m) {
       "Tensor? bn_input=None, Tensor? bn_weight=None, Tensor? bn_bias=None, Tensor? bn_mean=None, "
       "Tensor? bn_var=None, float bn_eps=0.0, bool bn_training=True, Tensor? bn_conv_weight=None, "
       "int bn_conv_stride=1, int bn_conv_padding=0, bool winograd_tiles=False, bool weight_grad_winograd=False, "
-      "bool direct=False, bool weight_grad_direct=False) -> Tensor");
+      "bool direct=False) -> Tensor");
   // With bn_weight, bn_bias, bn_mean, bn_var (float32, C each) and bn_eps, the convolution's input is
   // relu(batch_norm(x)) with them, recomputed as batch_norm_act's forward computes it (the weight
   // gradient is not differentiable then).
   m.def(
       "conv3x3_weight_grad(Tensor grad_out, Tensor x, int stride, bool kernel, Tensor? bn_weight=None, "
-      "Tensor? bn_bias=None, Tensor? bn_mean=None, Tensor? bn_var=None, float bn_eps=0.0, bool winograd=False, "
-      "bool direct=False) -> Tensor");
+      "Tensor? bn_bias=None, Tensor? bn_mean=None, Tensor? bn_var=None, float bn_eps=0.0, bool winograd=False) "
+      "-> Tensor");
   // A bottleneck's 1x1 convolution (no bias) in training, whose input x is batch_norm_act(bn_input,
   // ...)'s output with ReLU and no residual, normalised with bn_mean and bn_var (as for
   // conv3x3_train's bn_* arguments): ATen's convolution forward; the backward keeps bn_input instead

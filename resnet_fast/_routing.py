@@ -406,9 +406,6 @@ def weight_grad_winograd_applies(in_channels: int, out_channels: int, stride: in
 # measurements.
 DIRECT_CONV3X3 = True
 DIRECT_MAX_CHANNELS = 16
-# The weight gradient by the same file's direct kernel, where direct_applies holds and Winograd's
-# weight gradient does not run.
-DIRECT_WEIGHT_GRAD = True
 
 
 def direct_applies(in_channels: int, out_channels: int, stride: int) -> bool:
@@ -487,7 +484,6 @@ class Conv3x3Plan(NamedTuple):
     winograd_tiles: bool = False
     weight_grad_winograd: bool = False
     direct: bool = False
-    weight_grad_direct: bool = False
 
     def op_kwargs(self) -> dict:
         """The op's keyword arguments for this plan (``winograd`` and ``weight_grad_kernel`` are
@@ -496,7 +492,6 @@ class Conv3x3Plan(NamedTuple):
             "winograd_tiles": self.winograd_tiles,
             "weight_grad_winograd": self.weight_grad_winograd,
             "direct": self.direct,
-            "weight_grad_direct": self.weight_grad_direct,
         }
 
 
@@ -529,7 +524,6 @@ def conv3x3_train_plan(x: Tensor, weight: Tensor, stride: int, source_impl: str 
         winograd and winograd_tiles(c, k) and winograd_tiles(k, c),
         weight_grad_winograd_applies(c, k, stride),
         not winograd and direct_applies(c, k, stride),
-        DIRECT_WEIGHT_GRAD and direct_applies(c, k, stride) and not weight_grad_winograd_applies(c, k, stride),
     )
     return plan if any(plan) or (RECOMPUTE_CONV_INPUT and source_impl == "cpu") else None
 

@@ -13,18 +13,23 @@
 //
 // Work items are bands of output rows of one image (whole images where the batch gives every
 // thread several). An item copies its input rows, halo included, into a zero-bordered per-thread
-// buffer, so the tiles read no bounds: nothing outside x is read, and padding contributes exact
-// zeros (a NaN next to the map stays out). Each sum runs over r, s, c in that order in float32.
+// buffer, one plane per block of 16 input channels (C padded with zeros to a multiple of 16), so
+// that a tile's loads are at constant offsets and read no bounds: nothing outside x is read, and
+// padding contributes exact zeros (a NaN next to the map stays out). Each sum runs over the
+// channel blocks, r, s and c in that order, in float32.
+//
+// The input gradient at stride 1 is this convolution of grad_out with the flipped, transposed
+// weight (csrc/autograd.cpp). A weight gradient by the same tiling (24 accumulators: 3 taps x 8
+// output channels of 16 input-channel vectors) ran 0.83-0.90x oneDNN's on (128, 16, 32, 32), and
+// was not kept (CHANGELOG, 2026-12-07).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <vector>
 
-#include "cpu/batch_norm_act.h"
 #include "cpu/conv3x3_direct.h"
 #include "cpu/isa.h"
 
@@ -75,19 +80,13 @@ struct Geometry {
 };
 
 // Input rows h0 - 1 .. h1 of image n into buf: per block of 16 input channels a plane of `rows`
-// rows of W + 2 pixels, zero-bordered; channels past C are zeros. With a prologue, each row is
-// relu(x * scale + shift) first (into tmp, W * C floats), as the BatchNorm's forward computed it.
-void fill_band(const float* x, const Geometry& g, int64_t n, int64_t h0, int64_t h1, int64_t rows, float* buf,
-               const ReluAffineRows* prologue, float* tmp) {
+// rows of W + 2 pixels, zero-bordered; channels past C are zeros.
+void fill_band(const float* x, const Geometry& g, int64_t n, int64_t h0, int64_t h1, int64_t rows, float* buf) {
   const int64_t C = g.C, W = g.W, CB = ceil_div(C, 16), pw = (W + 2) * 16, plane = rows * pw;
   for (int64_t i = 0; i < h1 - h0 + 2; ++i) {
     const int64_t h = h0 - 1 + i;
     const bool inside = h >= 0 && h < g.H;
     const float* src = inside ? x + ((n * g.H + h) * W) * C : nullptr;
-    if (inside && prologue != nullptr) {
-      (*prologue)(src, tmp, W);
-      src = tmp;
-    }
     for (int64_t cb = 0; cb < CB; ++cb) {
       float* row = buf + cb * plane + i * pw;
       if (!inside) {
@@ -109,7 +108,7 @@ void band(const float* x, const float* wp, float* y, const Geometry& g, int64_t 
           float* buf) {
   const int64_t C = g.C, W = g.W, K = g.K, CB = ceil_div(C, 16), pw = (W + 2) * 16, rows = h1 - h0 + 2;
   const int64_t plane = rows * pw;
-  fill_band(x, g, n, h0, h1, rows, buf, nullptr, nullptr);
+  fill_band(x, g, n, h0, h1, rows, buf);
   for (int64_t h = h0; h < h1; ++h) {
     const float* in = buf + (h - h0) * pw;
     float* out = y + ((n * g.H + h) * W) * K;
@@ -141,66 +140,6 @@ void conv3x3_direct_avx512(const float* x, const float* wp, float* y, const Geom
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / bands, h0 = i % bands * rows;
       band(x, wp, y, g, n, h0, std::min(g.H, h0 + rows), buf.data());
-    }
-  });
-}
-
-// dW's sums over output rows [h0, h1) of image n, whose input rows are in buf (fill_band), added to
-// acc (float64, (K / 16, C / 16, r, s, 16 k, 16 c)). A register tile is one tap row r, the three
-// taps s and 8 output channels k: 24 vectors of 16 input channels, each pixel's three x vectors
-// times 8 broadcasts of dy. A band's sums are float32 (a band's pixels each), merged in float64.
-void weight_grad_band(const float* dy, const Geometry& g, int64_t n, int64_t h0, int64_t h1, const float* buf,
-                      int64_t rows, double* acc) {
-  const int64_t K = g.K, W = g.W, CB = ceil_div(g.C, 16), pw = (W + 2) * 16, plane = rows * pw;
-  for (int64_t kh = 0; kh < K / 8; ++kh) {
-    for (int64_t cb = 0; cb < CB; ++cb) {
-      for (int r = 0; r < 3; ++r) {
-        __m512 a[3][8];
-#pragma GCC unroll 3
-        for (int s = 0; s < 3; ++s)
-#pragma GCC unroll 8
-          for (int k = 0; k < 8; ++k) a[s][k] = _mm512_setzero_ps();
-        for (int64_t h = h0; h < h1; ++h) {
-          const float* d = dy + ((n * g.H + h) * W) * K + kh * 8;
-          const float* x = buf + cb * plane + (h - h0 + r) * pw;
-          for (int64_t w = 0; w < W; ++w, d += K, x += 16) {
-            const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16), x2 = _mm512_loadu_ps(x + 32);
-#pragma GCC unroll 8
-            for (int k = 0; k < 8; ++k) {
-              const __m512 b = _mm512_set1_ps(d[k]);
-              a[0][k] = _mm512_fmadd_ps(b, x0, a[0][k]);
-              a[1][k] = _mm512_fmadd_ps(b, x1, a[1][k]);
-              a[2][k] = _mm512_fmadd_ps(b, x2, a[2][k]);
-            }
-          }
-        }
-        const int64_t kb = kh / 2, k0 = kh % 2 * 8;
-        for (int s = 0; s < 3; ++s) {
-          for (int k = 0; k < 8; ++k) {
-            double* o = acc + ((((kb * CB + cb) * 3 + r) * 3 + s) * 16 + k0 + k) * 16;
-            _mm512_storeu_pd(o, _mm512_add_pd(_mm512_loadu_pd(o), _mm512_cvtps_pd(_mm512_castps512_ps256(a[s][k]))));
-            _mm512_storeu_pd(o + 8, _mm512_add_pd(_mm512_loadu_pd(o + 8),
-                                                  _mm512_cvtps_pd(_mm256_castpd_ps(
-                                                      _mm512_extractf64x4_pd(_mm512_castps_pd(a[s][k]), 1)))));
-          }
-        }
-      }
-    }
-  }
-}
-
-// acc: one float64 copy of the packed dW per thread, zeros on entry.
-void weight_grad_avx512(const float* dy, const float* x, const Geometry& g, const ReluAffineRows* prologue,
-                        double* acc, int64_t size) {
-  const int64_t rows = band_rows(g), bands = ceil_div(g.H, rows);
-  const int64_t row_floats = (g.W + 2) * 16 * ceil_div(g.C, 16);
-  at::parallel_for(0, g.N * bands, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> buf((rows + 2) * row_floats), tmp(prologue != nullptr ? g.W * g.C : 0);
-    double* mine = acc + at::get_thread_num() * size;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / bands, h0 = i % bands * rows, h1 = std::min(g.H, h0 + rows);
-      fill_band(x, g, n, h0, h1, h1 - h0 + 2, buf.data(), prologue, tmp.data());
-      weight_grad_band(dy, g, n, h0, h1, buf.data(), h1 - h0 + 2, mine);
     }
   });
 }
@@ -237,37 +176,6 @@ at::Tensor conv3x3_direct(const at::Tensor& input, const at::Tensor& weight) {
                         Geometry{N, C, H, W, K});
 #endif
   return y;
-}
-
-at::Tensor conv3x3_direct_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
-                                      const ReluAffineRows* prologue) {
-  TORCH_CHECK(use_avx512() && input.dim() == 4 && grad_out.dim() == 4 && input.scalar_type() == at::kFloat &&
-                  grad_out.scalar_type() == at::kFloat && grad_out.size(1) % 16 == 0 &&
-                  grad_out.size(0) == input.size(0) && grad_out.size(2) == input.size(2) &&
-                  grad_out.size(3) == input.size(3),
-              "conv3x3_direct_weight_grad: expected float32 x (N, C, H, W) and grad_out (N, K, H, W) (stride 1) with K "
-              "a multiple of 16 on a CPU with AVX-512, got x ", input.scalar_type(), " ", input.sizes(),
-              " and grad_out ", grad_out.scalar_type(), " ", grad_out.sizes());
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), K = grad_out.size(1);
-  const int64_t CP = (C + 15) / 16 * 16, size = K * CP * 9;
-  const int64_t threads = at::get_num_threads();
-  at::Tensor acc = at::zeros({threads, size}, input.options().dtype(at::kDouble));
-  if (N > 0 && H > 0 && W > 0 && C > 0 && K > 0) {
-    const at::Tensor x = input.contiguous(cl), dy = grad_out.contiguous(cl);
-#ifdef RESNET_FAST_AVX2
-    weight_grad_avx512(dy.const_data_ptr<float>(), x.const_data_ptr<float>(), Geometry{N, C, H, W, K}, prologue,
-                       acc.mutable_data_ptr<double>(), size);
-#endif
-  }
-  // (K / 16, C / 16, r, s, 16 k, 16 c) -> (K, C, 3, 3), channels_last.
-  return acc.sum(0)
-      .to(at::kFloat)
-      .reshape({K / 16, CP / 16, 3, 3, 16, 16})
-      .permute({0, 4, 1, 5, 2, 3})
-      .reshape({K, CP, 3, 3})
-      .narrow(1, 0, C)
-      .contiguous(cl);
 }
 
 }  // namespace resnet_fast

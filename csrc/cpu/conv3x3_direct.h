@@ -13,11 +13,4 @@ bool conv3x3_direct_can_run(const at::Tensor& x, const at::Tensor& weight);
 // conv2d(x, weight, stride 1, padding 1) in channels_last (a clear error where it cannot run).
 at::Tensor conv3x3_direct(const at::Tensor& x, const at::Tensor& weight);
 
-class ReluAffineRows;
-
-// The weight gradient dW (K, C, 3, 3, channels_last) of the stride-1 convolution, from grad_out
-// (N, K, H, W), K a multiple of 16, and x (N, C, H, W), or x = relu(x * scale + shift) recomputed
-// from the BatchNorm's input by `prologue`; float32, on AVX-512 CPUs (else a clear error).
-at::Tensor conv3x3_direct_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const ReluAffineRows* prologue);
-
 }  // namespace resnet_fast

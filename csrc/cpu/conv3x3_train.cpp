@@ -212,7 +212,7 @@ bool kernel_can_run(const at::Tensor& grad_out, const at::Tensor& x) {
 at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, int64_t stride, bool kernel,
                                    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
                                    const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
-                                   double bn_eps, bool winograd, bool direct) {
+                                   double bn_eps, bool winograd) {
   TORCH_CHECK(input.dim() == 4 && grad_out.dim() == 4,
               "conv3x3_weight_grad: expected 4-D (N, C, H, W) tensors, got x of ", input.dim(), "-D and grad_out of ",
               grad_out.dim(), "-D");
@@ -237,18 +237,6 @@ at::Tensor conv3x3_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor&
               " (3x3, padding 1, stride ", stride, ": expected (", N, ", K, ", conv_out_size(H, stride), ", ",
               conv_out_size(W, stride), "))");
   const auto cl = at::MemoryFormat::ChannelsLast;
-  TORCH_CHECK(!(winograd && direct), "conv3x3_weight_grad: winograd and direct are two ways to run it; pass one");
-  if (direct) {
-    TORCH_CHECK(stride == 1, "conv3x3_weight_grad: the direct kernel runs stride 1 only, got stride ", stride,
-                " (pass direct=False)");
-    // Where it cannot run (no AVX-512, K not a multiple of 16), ATen's, as below.
-    if (use_avx512() && input.scalar_type() == at::kFloat && K % 16 == 0) {
-      std::optional<ReluAffineRows> rows;
-      if (prologue) rows.emplace(scale.const_data_ptr<float>(), shift.const_data_ptr<float>(), C);
-      return conv3x3_direct_weight_grad(grad_out, input, rows.has_value() ? &*rows : nullptr);
-    }
-    kernel = false;
-  }
   if (winograd) {
     TORCH_CHECK(stride == 1, "conv3x3_weight_grad: the Winograd weight gradient runs stride 1 only, got stride ",
                 stride, " (pass winograd=False)");
@@ -301,7 +289,7 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
                              const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
                              double /*bn_eps*/, bool /*bn_training*/, const std::optional<at::Tensor>& bn_conv_weight,
                              int64_t bn_conv_stride, int64_t bn_conv_padding, bool winograd_tiles,
-                             bool /*weight_grad_winograd*/, bool direct, bool /*weight_grad_direct*/) {
+                             bool /*weight_grad_winograd*/, bool direct) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "conv3x3_train: expected a (K, C, 3, 3) weight, got shape ", weight.sizes());
   TORCH_CHECK(!bn_conv_weight.has_value() || bn_input.has_value(),

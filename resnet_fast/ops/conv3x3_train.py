@@ -47,7 +47,7 @@ def register() -> None:
     @torch.library.register_fake("resnet_fast::conv3x3_train")
     def _(x, weight, stride, winograd, weight_grad_kernel, bn_input=None, bn_weight=None, bn_bias=None, bn_mean=None,
           bn_var=None, bn_eps=0.0, bn_training=True, bn_conv_weight=None, bn_conv_stride=1, bn_conv_padding=0,
-          winograd_tiles=False, weight_grad_winograd=False, direct=False, weight_grad_direct=False):
+          winograd_tiles=False, weight_grad_winograd=False, direct=False):
         # PyTorch's convolution on the fake tensors: its shape checks and output layout (Winograd's
         # and the direct kernel's output is channels_last whatever the input's).
         y = F.conv2d(x, weight, None, stride, 1)
@@ -55,7 +55,7 @@ def register() -> None:
 
     @torch.library.register_fake("resnet_fast::conv3x3_weight_grad")
     def _(grad_out, x, stride, kernel, bn_weight=None, bn_bias=None, bn_mean=None, bn_var=None, bn_eps=0.0,
-          winograd=False, direct=False):
+          winograd=False):
         torch._check(x.dim() == 4 and grad_out.dim() == 4, lambda: "conv3x3_weight_grad: expected 4-D tensors")
         return torch.empty(
             (grad_out.shape[1], x.shape[1], 3, 3), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
@@ -66,7 +66,7 @@ def register() -> None:
     # With a BatchNorm prologue the op is the backward's, never differentiated (under create_graph
     # the input is recomputed by batch_norm_act and passed without one).
     def setup_context(ctx, inputs, output):
-        grad_out, x, stride, _kernel, bn_weight, bn_bias, bn_mean, bn_var, _eps, _winograd, _direct = inputs
+        grad_out, x, stride, _kernel, bn_weight, bn_bias, bn_mean, bn_var, _eps, _winograd = inputs
         ctx.save_for_backward(grad_out, x)
         ctx.stride = stride
         ctx.prologue = any(t is not None for t in (bn_weight, bn_bias, bn_mean, bn_var))
@@ -86,7 +86,7 @@ def register() -> None:
             d_x = torch.ops.aten.convolution_backward(
                 grad_out, x, v, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False]
             )[0]
-        return d_grad_out, d_x, None, None, None, None, None, None, None, None, None
+        return d_grad_out, d_x, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("resnet_fast::conv3x3_weight_grad", backward, setup_context=setup_context)
 

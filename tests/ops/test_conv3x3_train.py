@@ -153,7 +153,6 @@ PLANS = {
     "winograd-wgrad": Plan(False, False, weight_grad_winograd=True),
     "winograd+winograd-wgrad": Plan(True, False, winograd_tiles=True, weight_grad_winograd=True),
     "direct": Plan(False, False, direct=True),
-    "direct+direct-wgrad": Plan(False, False, direct=True, weight_grad_direct=True),
 }
 
 
@@ -166,7 +165,7 @@ def plan_runs(plan, stride, c, k):
     """Winograd (forward and weight gradient) runs stride 1 only; Winograd's weight gradient and
     tiles take multiples of 16 channels, our direct weight gradient C % 8 == 0 and K % 4 == 0; the
     direct AVX-512 kernel runs stride 1 only (other channel counts: ATen's)."""
-    if (plan.winograd or plan.weight_grad_winograd or plan.direct or plan.weight_grad_direct) and stride != 1:
+    if (plan.winograd or plan.weight_grad_winograd or plan.direct) and stride != 1:
         return False
     if (plan.weight_grad_winograd or plan.winograd_tiles) and (c % 16 or k % 16):
         return False
@@ -286,19 +285,15 @@ def test_training_plans(monkeypatch, avx512):
     monkeypatch.setattr(_routing, "WINOGRAD_WEIGHT_GRAD", False)
     assert plan(2, 64, 56, 64) == (True, not a, a, False)
     assert plan(2, 64, 7, 64) == (None if a else (True, True, False, False))
-    # (direct, weight_grad_direct): the direct AVX-512 kernel on the 16-channel stride-1 3x3s, its
-    # weight gradient where Winograd's does not run.
-    monkeypatch.setattr(_routing, "WINOGRAD_WEIGHT_GRAD", True)
-    assert full(2, 16, 32, 16)[4:] == (a, a)
-    assert full(2, 16, 7, 16)[4:] == (a, a)
-    assert full(2, 16, 32, 16, source_impl="cpu")[4:] == (a, a)
-    assert full(2, 32, 16, 32)[4:] == (False, False)  # Winograd's
-    assert full(2, 16, 32, 24) is None or full(2, 16, 32, 24)[4:] == (False, False)  # 24 % 16 != 0
-    assert full(2, 16, 32, 32, stride=2) is None or full(2, 16, 32, 32, stride=2)[4:] == (False, False)
-    monkeypatch.setattr(_routing, "DIRECT_WEIGHT_GRAD", False)
-    assert full(2, 16, 32, 16)[4:] == (a, False)
+    # direct: the direct AVX-512 kernel on the 16-channel stride-1 3x3s (forward, input gradient).
+    assert full(2, 16, 32, 16).direct == a
+    assert full(2, 16, 7, 16).direct == a
+    assert full(2, 16, 32, 16, source_impl="cpu").direct == a
+    assert not full(2, 32, 16, 32).direct  # Winograd's
+    assert full(2, 16, 32, 24) is None or not full(2, 16, 32, 24).direct  # 24 % 16 != 0
+    assert full(2, 16, 32, 32, stride=2) is None or not full(2, 16, 32, 32, stride=2).direct
     monkeypatch.setattr(_routing, "DIRECT_CONV3X3", False)
-    assert full(2, 16, 32, 16) == (None if a else (False, True, False, False, False, False))
+    assert full(2, 16, 32, 16) == (None if a else (False, True, False, False, False))
 
 
 def test_gradcheck():
@@ -373,8 +368,8 @@ def test_models_route_their_3x3_convolutions_as_planned(monkeypatch, avx512):
     names = op_names(lambda: model(x).sum().backward())
     if avx512:
         # Winograd by our tiles (forward, input gradient, weight gradient) on the 32- and 64-channel
-        # stages' 10 stride-1 3x3s; the direct kernel (forward, input gradient, weight gradient) on
-        # the 16-channel stage's 6.
+        # stages' 10 stride-1 3x3s; the direct kernel (forward, input gradient) on the 16-channel
+        # stage's 6, whose weight gradient is oneDNN's (inside our op).
         assert names.count("resnet_fast::conv3x3_train") == 10 + 10 + 6 + 6
         assert names.count("resnet_fast::conv3x3_weight_grad") == 10 + 6
         assert "aten::bmm" not in names
@@ -654,8 +649,7 @@ def test_opcheck_with_a_recomputed_input():
     torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x1.detach(), 1, True, *random_bn(8), 1e-5))
 
 
-# -- the direct AVX-512 kernel (direct=True: forward and input gradient; weight_grad_direct / the
-# weight gradient op's direct=True) -------------------------------------------------------------
+# -- the direct AVX-512 kernel (direct=True: the forward and the input gradient) ------------------
 
 # (N, C, H, W, K), stride 1. The kernel takes K % 16 == 0 and any C (padded to blocks of 16 in its
 # buffer); elsewhere (or without AVX-512) the op runs ATen's, which these tests check just the same.
@@ -669,7 +663,7 @@ DIRECT_SHAPES = [
     (2, 48, 5, 19, 48),  # three channel blocks each way
     (2, 16, 6, 6, 24),  # K % 16 != 0: ATen's
 ]
-DIRECT = Plan(False, False, direct=True, weight_grad_direct=True)
+DIRECT = Plan(False, False, direct=True)
 
 
 def direct_error_bound(got, exact, theirs):
@@ -684,8 +678,8 @@ def direct_error_bound(got, exact, theirs):
 @pytest.mark.parametrize("shape", DIRECT_SHAPES, ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "noncontiguous"])
 def test_direct_matches_formula(shape, layout):
-    """Forward, input gradient and weight gradient against the formula in float64, each within 2x
-    PyTorch's float32 error."""
+    """Forward, input gradient and weight gradient (ATen's, on the recomputed or kept input) against
+    the formula in float64, each within 2x PyTorch's float32 error."""
     n, c, h, w, k = shape
     x = make_input((n, c, h, w), torch.float32, layout, requires_grad=True)
     wt = make_input((k, c, 3, 3), torch.float32, "contiguous", requires_grad=True)
@@ -705,17 +699,6 @@ def test_direct_matches_formula(shape, layout):
     assert gw.stride() == wt.stride()
 
 
-@pytest.mark.parametrize("shape", [s for s in DIRECT_SHAPES if s[4] % 16 == 0], ids=str)
-@pytest.mark.parametrize("prologue", [False, True], ids=["x", "relu(bn(x))"])
-def test_direct_weight_grad_matches_formula(shape, prologue):
-    n, c, h, w, k = shape
-    x = make_input((n, c, h, w), torch.float32, "noncontiguous")
-    grad_out = make_input((n, k, h, w), torch.float32, "contiguous")
-    bn = random_bn(c) if prologue else (None,) * 4
-    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False, *bn, 1e-5, direct=True)
-    assert_weight_grad_close(got, grad_out, bn_relu_formula(x, *bn) if prologue else x, 1)
-
-
 def test_direct_is_as_accurate_as_pytorch_on_resnet20s_stage():
     x = torch.randn(8, 16, 32, 32).relu().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     w = (torch.randn(16, 16, 3, 3) * 0.1).requires_grad_(True)
@@ -733,8 +716,7 @@ def test_direct_is_as_accurate_as_pytorch_on_resnet20s_stage():
 
 
 def test_direct_reads_nothing_outside_the_input():
-    """Padding is zeros, not the neighbouring pixels or images (NaN here): forward and weight
-    gradient, with and without the prologue."""
+    """Padding is zeros, not the neighbouring pixels or images (NaN here)."""
     x_all = torch.full((4, 16, 6, 5), float("nan")).contiguous(memory_format=torch.channels_last)
     g_all = torch.full((4, 16, 6, 5), float("nan")).contiguous(memory_format=torch.channels_last)
     x, grad_out = x_all[1:3], g_all[1:3]
@@ -745,11 +727,6 @@ def test_direct_reads_nothing_outside_the_input():
     y = torch.ops.resnet_fast.conv3x3_train(x, w, 1, False, False, direct=True)
     assert not y.isnan().any()
     torch.testing.assert_close(y.double(), reference.conv3x3_train(x.double(), w.double(), 1), rtol=1e-5, atol=1e-5)
-    bn = random_bn(16, positive=True)
-    for extra, x_in in (((None,) * 4, x), (bn, bn_relu_formula(x, *bn))):
-        got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False, *extra, 1e-5, direct=True)
-        assert not got.isnan().any()
-        assert_weight_grad_close(got, grad_out, x_in, 1)
 
 
 def test_direct_non_finite_values_reach_what_they_reach_in_pytorch():
@@ -759,10 +736,6 @@ def test_direct_non_finite_values_reach_what_they_reach_in_pytorch():
     got = torch.ops.resnet_fast.conv3x3_train(x, w, 1, False, False, direct=True)
     expected = F.conv2d(x, w, None, 1, 1)
     assert torch.equal(got.isfinite(), expected.isfinite()) and not got.isfinite().all()
-    grad_out = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
-    got = torch.ops.resnet_fast.conv3x3_weight_grad(grad_out, x, 1, False, direct=True)
-    expected = reference.conv3x3_weight_grad(grad_out, x, 1)
-    assert torch.equal(got.isfinite(), expected.isfinite()) and not got.isfinite().all()
 
 
 def test_direct_refuses_what_it_cannot_run():
@@ -771,19 +744,9 @@ def test_direct_refuses_what_it_cannot_run():
         torch.ops.resnet_fast.conv3x3_train(x, w, 2, False, False, direct=True)
     with pytest.raises(RuntimeError, match="winograd and direct are two ways"):
         torch.ops.resnet_fast.conv3x3_train(x, w, 1, True, False, direct=True)
-    g = torch.randn(1, 16, 3, 3)
-    with pytest.raises(RuntimeError, match="direct kernel runs stride 1 only.*pass direct=False"):
-        torch.ops.resnet_fast.conv3x3_weight_grad(g, x, 2, False, direct=True)
-    with pytest.raises(RuntimeError, match="winograd and direct are two ways"):
-        torch.ops.resnet_fast.conv3x3_weight_grad(torch.randn(1, 16, 5, 5), x, 1, False, winograd=True, direct=True)
 
 
 def test_direct_opcheck():
     x = make_input((2, 16, 6, 5), torch.float32, "contiguous", requires_grad=True)
     w = make_input((16, 16, 3, 3), torch.float32, "contiguous", requires_grad=True)
-    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_train, (x, w, 1, False, False),
-                          {"direct": True, "weight_grad_direct": True})
-    g = make_input((2, 32, 6, 5), torch.float32, "channels_last")
-    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x.detach(), 1, False), {"direct": True})
-    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_weight_grad, (g, x.detach(), 1, False, *random_bn(16), 1e-5),
-                          {"direct": True})
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_train, (x, w, 1, False, False), {"direct": True})

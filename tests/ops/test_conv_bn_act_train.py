@@ -241,7 +241,7 @@ def test_a_projection_trains_as_pytorchs():
 @pytest.mark.parametrize(
     "plan, kwargs",
     [((False, False), {}), ((True, False), {}), ((False, True), {}),
-     ((False, False), {"direct": True, "weight_grad_direct": True})],
+     ((False, False), {"direct": True})],
     ids=["aten", "winograd", "our-dW", "direct"],
 )
 def test_a_3x3_after_the_stem_recomputes_its_input_bit_for_bit(plan, kwargs):
