@@ -404,8 +404,8 @@ def weight_grad_winograd_applies(in_channels: int, out_channels: int, stride: in
 # not run: channel counts multiples of 16, up to DIRECT_MAX_CHANNELS in and out (ResNet-20's and
 # the CIFAR nets' first stage). On a 2-core Zen 5 (2026-12-07), interleaved: on ResNet-20's
 # (128, 16, 32, 32) alone the forward 1.19-1.29x oneDNN's, the input gradient 1.24-1.32x, and
-# 1.34x / 1.49x with fill_band's plain loads (bench/test_ops.py::test_conv3x3_direct); ResNet-20 b128 steps with it against without 1.048x,
-# 1.057x, 1.077x, 1.105x. With it on the 32- and 64-channel 3x3s instead of Winograd: steps 0.987x
+# 1.34x / 1.49x with fill_band's plain loads (bench/test_ops.py::test_conv3x3_direct); ResNet-20
+# b128 steps with it against without 1.048x, 1.057x, 1.077x, 1.105x. With it on the 32- and 64-channel 3x3s instead of Winograd: steps 0.987x
 # and 0.917x, hence 16. Its weight gradient is not ours (a direct one ran 0.83-0.90x oneDNN's).
 DIRECT_CONV3X3 = True
 DIRECT_MAX_CHANNELS = 16
