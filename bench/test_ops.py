@@ -198,6 +198,29 @@ def test_conv3x3_direct(benchmark, part):
             pairs=30, rounds=10)
 
 
+@pytest.mark.parametrize("part", ["forward", "input gradient"])
+@pytest.mark.parametrize("c, h, k", [(16, 32, 32), (32, 16, 64)], ids=lambda v: str(v))
+def test_conv3x3_direct_stride2(benchmark, c, h, k, part):
+    """ResNet-20's two stride-2 3x3s at batch 128 in training, channels_last float32: our direct
+    kernel's forward and its input gradient (conv3x3_input_grad, the transposed convolution)
+    against oneDNN's forward and backward-data, as PyTorch's convolution and its backward call them."""
+    if _routing.CPU_CAPABILITY != "AVX512":
+        pytest.skip("the direct kernel needs AVX-512")
+    cl = torch.channels_last
+    x = torch.randn(128, c, h, h).relu().contiguous(memory_format=cl)
+    grad = torch.randn(128, k, h // 2, h // 2).contiguous(memory_format=cl)
+    w = (torch.randn(k, c, 3, 3) * 0.1).contiguous(memory_format=cl)
+    shape = [2, 2], [1, 1], [1, 1], False, [0, 0], 1
+    if part == "forward":
+        ours = lambda: torch.ops.resnet_fast.conv3x3_train(x, w, 2, False, False, direct=True)  # noqa: E731
+        theirs = lambda: F.conv2d(x, w, None, 2, 1)  # noqa: E731
+    else:
+        ours = lambda: torch.ops.resnet_fast.conv3x3_input_grad(grad, w, 2, list(x.shape))  # noqa: E731
+        theirs = lambda: torch.ops.aten.convolution_backward(grad, x, w, None, *shape, [True, False, False])  # noqa: E731
+    compare(benchmark, f"conv3x3 direct stride 2 (128, {c}, {h}, {h})->{k} {part}", 128, ours, {"oneDNN": theirs},
+            pairs=30, rounds=10)
+
+
 @pytest.mark.parametrize("shape", [(8, 64, 56, 56), (8, 128, 28, 28), (8, 256, 14, 14), (8, 512, 7, 7)], ids=str)
 def test_conv3x3_bias_act_inference(benchmark, shape):
     """ResNet-50's stride-1 3x3 convolutions at batch 8 in inference, BatchNorm folded: Winograd

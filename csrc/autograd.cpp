@@ -240,7 +240,9 @@ at::Tensor call_conv3x3(const at::Tensor& x, const at::Tensor& weight, int64_t s
 // conv3x3_train: at stride 1 the input gradient is the op itself on the flipped, transposed weight
 // (so Winograd or the direct kernel runs it where it runs the forward: C and K swap, and the rules
 // are symmetric in them;
-// double backward differentiates it again); at stride 2 it is ATen's (oneDNN's backward-data).
+// double backward differentiates it again); at stride 2 it is conv3x3_input_grad where the plan
+// says `direct` (its own autograd in resnet_fast/ops/conv3x3_train.py), else ATen's (oneDNN's
+// backward-data).
 // The weight gradient is conv3x3_weight_grad, by Winograd or our direct kernel where the caller's
 // plan says so.
 // Where x is relu(batch_norm(bn_input)) (the bn_* arguments), x is not kept: the weight gradient
@@ -312,6 +314,17 @@ class Conv3x3Train : public torch::autograd::Function<Conv3x3Train> {
       if (stride == 1 && (winograd || kernel || direct)) {
         grad_x = call_conv3x3(grads[0], weight.flip({2, 3}).transpose(0, 1), 1, winograd, false,
                               ctx->saved_data["winograd_tiles"].toBool(), direct);
+      } else if (direct) {  // stride 2: our direct kernel's transposed convolution
+        using InputGradSignature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c10::SymIntArrayRef);
+        static const auto input_grad_op = c10::Dispatcher::singleton()
+                                              .findSchemaOrThrow("resnet_fast::conv3x3_input_grad", "")
+                                              .typed<InputGradSignature>();
+        std::vector<c10::SymInt> size;  // x's (the stem's input has another shape)
+        if (stem_weight.defined())
+          for (const int64_t v : ctx->saved_data["x_size"].toIntVector()) size.emplace_back(v);
+        else
+          size = x.sym_sizes().vec();
+        grad_x = input_grad_op.call(grads[0], weight, stride, size);
       } else {
         // A tensor of x's shape: the stem's input has another. Never written or read: an unfilled
         // buffer's pages are not touched.

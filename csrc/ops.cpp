@@ -88,9 +88,9 @@ TORCH_LIBRARY(resnet_fast, m) {
   // swapped).
   // `weight_grad_winograd`: at stride 1, the weight gradient by Winograd F(2x2, 3x3) (conv3x3_weight_grad's
   // `winograd`; AVX-512, channel counts multiples of 16), ahead of `weight_grad_kernel`.
-  // `direct`: at stride 1, the forward and the input gradient by our direct AVX-512 kernel
+  // `direct`: the forward and the input gradient by our direct AVX-512 kernel
   // (cpu/conv3x3_direct.cpp; K a multiple of 16, the input gradient's C too), else ATen's; not with
-  // `winograd`.
+  // `winograd`. Its stride-2 input gradient is conv3x3_input_grad (below).
   // conv3x3_weight_grad returns dW of shape (K, C, 3, 3) in channels_last.
   // bn_input (with bn_weight, bn_bias, bn_mean, bn_var, bn_eps, bn_training): x is
   // batch_norm_act(bn_input, ...)'s output with ReLU and no residual, normalised with bn_mean and
@@ -105,6 +105,9 @@ TORCH_LIBRARY(resnet_fast, m) {
       "Tensor? bn_var=None, float bn_eps=0.0, bool bn_training=True, Tensor? bn_conv_weight=None, "
       "int bn_conv_stride=1, int bn_conv_padding=0, bool winograd_tiles=False, bool weight_grad_winograd=False, "
       "bool direct=False) -> Tensor");
+  // The input gradient of conv3x3_train(x, weight, stride=2) for x of input_size (N, C, H, W), in
+  // channels_last: our direct kernel's where it runs (conv3x3_train's `direct`), else ATen's.
+  m.def("conv3x3_input_grad(Tensor grad_out, Tensor weight, int stride, SymInt[] input_size) -> Tensor");
   // With bn_weight, bn_bias, bn_mean, bn_var (float32, C each) and bn_eps, the convolution's input is
   // relu(batch_norm(x)) with them, recomputed as batch_norm_act's forward computes it (the weight
   // gradient is not differentiable then).

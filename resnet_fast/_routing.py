@@ -407,8 +407,17 @@ def weight_grad_winograd_applies(in_channels: int, out_channels: int, stride: in
 # 1.34x / 1.49x with fill_band's plain loads (bench/test_ops.py::test_conv3x3_direct); ResNet-20
 # b128 steps with it against without 1.048x, 1.057x, 1.077x, 1.105x. With it on the 32- and 64-channel 3x3s instead of Winograd: steps 0.987x
 # and 0.917x, hence 16. Its weight gradient is not ours (a direct one ran 0.83-0.90x oneDNN's).
+# At stride 2 (the forward, and the input gradient, conv3x3_input_grad, as a transposed
+# convolution: even and odd rows and columns of dx take different taps) on the CIFAR nets' two
+# downsampling 3x3s (16 -> 32 and 32 -> 64 channels, hence DIRECT_STRIDE2_MAX_CHANNELS), where
+# oneDNN's backward-data runs at half its forward's speed. bench/test_ops.py::
+# test_conv3x3_direct_stride2 on a 2-core Zen 5 (2026-12-08, three runs): 16 -> 32 forward
+# 1.20-1.51x oneDNN's, input gradient 1.73-1.86x; 32 -> 64 forward 0.93-1.00x, input gradient
+# 1.46-1.50x. In ResNet-20 b128 steps (dispatch-mode timings, both orders of the pair) the two
+# input gradients took 3.3 ms against oneDNN's 8.3 and the steps 0.97x the time.
 DIRECT_CONV3X3 = True
 DIRECT_MAX_CHANNELS = 16
+DIRECT_STRIDE2_MAX_CHANNELS = 64
 
 
 def direct_applies(in_channels: int, out_channels: int, stride: int) -> bool:
@@ -418,10 +427,10 @@ def direct_applies(in_channels: int, out_channels: int, stride: int) -> bool:
     return (
         DIRECT_CONV3X3
         and _AVX512
-        and stride == 1
+        and stride in (1, 2)
         and c % 16 == 0
         and k % 16 == 0
-        and 0 < max(c, k) <= DIRECT_MAX_CHANNELS
+        and 0 < max(c, k) <= (DIRECT_MAX_CHANNELS if stride == 1 else DIRECT_STRIDE2_MAX_CHANNELS)
     )
 
 

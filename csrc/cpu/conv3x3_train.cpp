@@ -323,10 +323,9 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
   TORCH_CHECK(stride == 1 || stride == 2, "conv3x3_train: expected stride 1 or 2, got ", stride);
   TORCH_CHECK(!(winograd && direct), "conv3x3_train: winograd and direct are two ways to run the forward; pass one");
   if (direct) {  // our direct kernel where it can run (AVX-512, K % 16 == 0), else ATen's
-    TORCH_CHECK(stride == 1, "conv3x3_train: the direct kernel runs stride 1 only, got stride ", stride);
-    if (conv3x3_direct_can_run(x, weight)) return conv3x3_direct(x, weight);
+    if (conv3x3_direct_can_run(x, weight)) return conv3x3_direct(x, weight, stride);
     // Elsewhere ATen's, in the kernel's output layout (the op's fake kernel promises channels_last).
-    return at::convolution(x, weight, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1)
+    return at::convolution(x, weight, std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false, {0, 0}, 1)
         .contiguous(at::MemoryFormat::ChannelsLast);
   }
   if (winograd) {  // the weight transformed at each call: it changes at every step
@@ -337,9 +336,33 @@ at::Tensor conv3x3_train_cpu(const at::Tensor& x, const at::Tensor& weight, int6
   return at::convolution(x, weight, std::nullopt, {stride, stride}, {1, 1}, {1, 1}, false, {0, 0}, 1);
 }
 
+// The stride-2 input gradient (conv3x3_train's backward where its plan says `direct`): our direct
+// kernel where it runs (AVX-512, C % 16 == 0), else ATen's (oneDNN's backward-data), channels_last
+// either way.
+at::Tensor conv3x3_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight, int64_t stride,
+                                  at::IntArrayRef input_size) {
+  TORCH_CHECK(stride == 2, "conv3x3_input_grad: expected stride 2 (at stride 1 the input gradient is conv3x3_train "
+              "itself, on the flipped, transposed weight), got ", stride);
+  TORCH_CHECK(grad_out.dim() == 4 && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 &&
+                  input_size.size() == 4 && weight.size(0) == grad_out.size(1) && weight.size(1) == input_size[1] &&
+                  input_size[0] == grad_out.size(0) && (input_size[2] - 1) / 2 + 1 == grad_out.size(2) &&
+                  (input_size[3] - 1) / 2 + 1 == grad_out.size(3),
+              "conv3x3_input_grad: expected grad_out (N, K, OH, OW), weight (K, C, 3, 3) and the input size (N, C, H, "
+              "W) of a stride-2 convolution giving grad_out's map, got grad_out ", grad_out.sizes(), ", weight ",
+              weight.sizes(), " and input size ", input_size);
+  TORCH_CHECK(grad_out.scalar_type() == weight.scalar_type(), "conv3x3_input_grad: grad_out is ",
+              grad_out.scalar_type(), " but weight is ", weight.scalar_type());
+  if (conv3x3_direct_input_grad_can_run(grad_out, weight)) return conv3x3_direct_input_grad(grad_out, weight, input_size);
+  const at::Tensor shaped = at::empty(input_size, grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
+  return std::get<0>(at::convolution_backward(grad_out, shaped, weight, std::nullopt, {2, 2}, {1, 1}, {1, 1}, false,
+                                              {0, 0}, 1, {true, false, false}))
+      .contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("conv3x3_input_grad", &conv3x3_input_grad_cpu);
   m.impl("conv3x3_train", &conv3x3_train_cpu);
   m.impl("conv3x3_weight_grad", &conv3x3_weight_grad_cpu);
 }

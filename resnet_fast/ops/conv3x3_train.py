@@ -40,8 +40,8 @@ def conv3x3_train(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
 
 
 def register() -> None:
-    """Fake kernels of ``resnet_fast::conv3x3_train`` and ``resnet_fast::conv3x3_weight_grad``, and
-    the weight gradient's own autograd (for double backward, e.g. a gradient penalty); the
+    """Fake kernels of ``resnet_fast::conv3x3_train``, ``resnet_fast::conv3x3_weight_grad`` and
+    ``resnet_fast::conv3x3_input_grad``, and the two gradients' own autograd (for double backward, e.g. a gradient penalty); the
     convolution's autograd is in C++."""
 
     @torch.library.register_fake("resnet_fast::conv3x3_train")
@@ -89,6 +89,34 @@ def register() -> None:
         return d_grad_out, d_x, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("resnet_fast::conv3x3_weight_grad", backward, setup_context=setup_context)
+
+    @torch.library.register_fake("resnet_fast::conv3x3_input_grad")
+    def _(grad_out, weight, stride, input_size):
+        torch._check(grad_out.dim() == 4 and len(input_size) == 4, lambda: "conv3x3_input_grad: expected 4-D shapes")
+        return torch.empty(input_size, dtype=grad_out.dtype, device=grad_out.device, memory_format=torch.channels_last)
+
+    # dx = conv3x3_input_grad(dy, w) is bilinear in (dy, w): <V, dx> = sum(dy * conv3x3(V, w)), so
+    # for a cotangent V its gradients are conv3x3(V, w) and the weight gradient of (dy, V).
+    def setup_input_grad(ctx, inputs, output):
+        grad_out, weight, stride, _size = inputs
+        ctx.save_for_backward(grad_out, weight)
+        ctx.stride = stride
+
+    def input_grad_backward(ctx, v):
+        grad_out, weight = ctx.saved_tensors
+        s = ctx.stride
+        d_grad_out = d_weight = None
+        if ctx.needs_input_grad[0]:
+            d_grad_out = F.conv2d(v, weight, None, s, 1)
+        if ctx.needs_input_grad[1]:
+            d_weight = torch.ops.aten.convolution_backward(
+                grad_out, v, weight, None, [s, s], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+            )[1]
+        return d_grad_out, d_weight, None, None
+
+    torch.library.register_autograd(
+        "resnet_fast::conv3x3_input_grad", input_grad_backward, setup_context=setup_input_grad
+    )
 
 
 if _backend.extension_available():

@@ -164,8 +164,8 @@ def conv3x3(x, w, stride, plan, *bn):
 def plan_runs(plan, stride, c, k):
     """Winograd (forward and weight gradient) runs stride 1 only; Winograd's weight gradient and
     tiles take multiples of 16 channels, our direct weight gradient C % 8 == 0 and K % 4 == 0; the
-    direct AVX-512 kernel runs stride 1 only (other channel counts: ATen's)."""
-    if (plan.winograd or plan.weight_grad_winograd or plan.direct) and stride != 1:
+    direct AVX-512 kernel runs stride 1 and 2 (other channel counts: ATen's)."""
+    if (plan.winograd or plan.weight_grad_winograd) and stride != 1:
         return False
     if (plan.weight_grad_winograd or plan.winograd_tiles) and (c % 16 or k % 16):
         return False
@@ -271,7 +271,7 @@ def test_training_plans(monkeypatch, avx512):
     assert plan(2, 32, 16, 40) == (None if a else (False, True, False, False))  # 40 % 16 != 0
     assert plan(2, 512, 7, 512) is None  # 512 x 512: the per-call transform's memory; 512 > 128 for ours
     assert plan(2, 16, 32, 16) == ((False,) * 4 if a else (False, True, False, False))  # 16 < 32 for Winograd's wgrad
-    assert plan(2, 16, 32, 32, stride=2) == (None if a else (False, True, False, False))
+    assert plan(2, 16, 32, 32, stride=2) == ((False,) * 4 if a else (False, True, False, False))  # direct on AVX-512
     with torch.no_grad():
         assert plan(2, 64, 56, 64) is None  # nothing to differentiate: PyTorch's convolution
     # An input made by the fused CPU BatchNorm (relu(bn(.))): our op runs where nothing else pays,
@@ -291,7 +291,10 @@ def test_training_plans(monkeypatch, avx512):
     assert full(2, 16, 32, 16, source_impl="cpu").direct == a
     assert not full(2, 32, 16, 32).direct  # Winograd's
     assert full(2, 16, 32, 24) is None or not full(2, 16, 32, 24).direct  # 24 % 16 != 0
-    assert full(2, 16, 32, 32, stride=2) is None or not full(2, 16, 32, 32, stride=2).direct
+    # and on the CIFAR nets' stride-2 3x3s (16 -> 32, 32 -> 64), not on wider ones.
+    assert (full(2, 16, 32, 32, stride=2) is not None and full(2, 16, 32, 32, stride=2).direct) == a
+    assert (full(2, 32, 16, 64, stride=2) is not None and full(2, 32, 16, 64, stride=2).direct) == a
+    assert full(2, 64, 56, 128, stride=2) is None or not full(2, 64, 56, 128, stride=2).direct
     monkeypatch.setattr(_routing, "DIRECT_CONV3X3", False)
     assert full(2, 16, 32, 16) == (None if a else (False, True, False, False, False))
 
@@ -369,9 +372,11 @@ def test_models_route_their_3x3_convolutions_as_planned(monkeypatch, avx512):
     if avx512:
         # Winograd by our tiles (forward, input gradient, weight gradient) on the 32- and 64-channel
         # stages' 10 stride-1 3x3s; the direct kernel (forward, input gradient) on the 16-channel
-        # stage's 6, whose weight gradient is oneDNN's (inside our op).
-        assert names.count("resnet_fast::conv3x3_train") == 10 + 10 + 6 + 6
-        assert names.count("resnet_fast::conv3x3_weight_grad") == 10 + 6
+        # stage's 6, whose weight gradient is oneDNN's (inside our op); the direct kernel's forward on
+        # the 2 stride-2 3x3s, whose input gradients are conv3x3_input_grad's.
+        assert names.count("resnet_fast::conv3x3_train") == 10 + 10 + 6 + 6 + 2
+        assert names.count("resnet_fast::conv3x3_input_grad") == 2
+        assert names.count("resnet_fast::conv3x3_weight_grad") == 10 + 6 + 2
         assert "aten::bmm" not in names
     else:
         # Every 3x3 convolution after the stem (whose 3 input channels our weight gradient does not
@@ -737,13 +742,121 @@ def test_direct_non_finite_values_reach_what_they_reach_in_pytorch():
 
 def test_direct_refuses_what_it_cannot_run():
     x, w = torch.randn(1, 16, 5, 5), torch.randn(16, 16, 3, 3)
-    with pytest.raises(RuntimeError, match="direct kernel runs stride 1 only"):
-        torch.ops.resnet_fast.conv3x3_train(x, w, 2, False, False, direct=True)
+    with pytest.raises(RuntimeError, match="expected stride 1 or 2"):
+        torch.ops.resnet_fast.conv3x3_train(x, w, 3, False, False, direct=True)
     with pytest.raises(RuntimeError, match="winograd and direct are two ways"):
         torch.ops.resnet_fast.conv3x3_train(x, w, 1, True, False, direct=True)
+    g = torch.randn(1, 16, 3, 3)
+    with pytest.raises(RuntimeError, match="expected stride 2"):
+        torch.ops.resnet_fast.conv3x3_input_grad(g, w, 1, [1, 16, 5, 5])
+    with pytest.raises(RuntimeError, match="stride-2 convolution giving grad_out's map"):
+        torch.ops.resnet_fast.conv3x3_input_grad(g, w, 2, [1, 16, 8, 8])
+    with pytest.raises(RuntimeError, match="stride-2 convolution giving grad_out's map"):
+        torch.ops.resnet_fast.conv3x3_input_grad(g, w, 2, [1, 8, 5, 5])
+
+
+# (N, C, H, W, K) at stride 2: even and odd maps (an odd width's last output pixel reads column W, a
+# zero), C in place (16) and from the buffer (32, 48: the input gradient's dy is K-channel), 1x1
+# and 2x2 maps.
+DIRECT_STRIDE2_SHAPES = [
+    (4, 16, 32, 32, 32),  # ResNet-20's 16 -> 32 downsampling convolution
+    (2, 32, 16, 16, 64),  # ResNet-20's 32 -> 64
+    (3, 16, 7, 9, 16),  # odd maps, an odd batch
+    (2, 48, 5, 6, 32),  # three blocks of input channels
+    (1, 16, 2, 2, 48),  # 2x2 -> 1x1
+    (2, 16, 1, 1, 16),  # 1x1
+    (1, 32, 19, 35, 16),  # batch 1: bands over the threads; 16 + 1 output pixels a row
+]
+
+
+@pytest.mark.parametrize("shape", DIRECT_STRIDE2_SHAPES, ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_direct_stride2_matches_formula(shape, layout):
+    """The stride-2 forward and input gradient (conv3x3_input_grad: even and odd rows and columns
+    take different taps) against the formula in float64, within 2x PyTorch's float32 error."""
+    n, c, h, w, k = shape
+    x = make_input((n, c, h, w), torch.float32, layout, requires_grad=True)
+    wt = make_input((k, c, 3, 3), torch.float32, "contiguous", requires_grad=True)
+    y = conv3x3(x, wt, 2, DIRECT)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, wt), grad)
+    x64, w64 = x.detach().double().requires_grad_(True), wt.detach().double().requires_grad_(True)
+    y64 = reference.conv3x3_train(x64, w64, 2)
+    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), grad.double())
+    xt, wtt = x.detach().requires_grad_(True), wt.detach().requires_grad_(True)
+    yt = F.conv2d(xt, wtt, None, 2, 1)
+    gxt, gwt = torch.autograd.grad(yt, (xt, wtt), grad)
+    for got, exact, theirs in ((y, y64, yt), (gx, gx64, gxt), (gw, gw64, gwt)):
+        assert got.shape == exact.shape and got.dtype == torch.float32
+        assert direct_error_bound(got, exact, theirs)
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("c, k", [(16, 32), (32, 64)])
+def test_direct_stride2_is_as_accurate_as_pytorch_on_resnet20s_shapes(c, k):
+    h = 32 if c == 16 else 16
+    x = torch.randn(8, c, h, h).relu().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = (torch.randn(k, c, 3, 3) * 0.1).requires_grad_(True)
+    y = conv3x3(x, w, 2, DIRECT)
+    grad = torch.randn_like(y)
+    got = (y, torch.autograd.grad(y, x, grad)[0])
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = reference.conv3x3_train(x64, w.detach().double(), 2)
+    exact = (y64, torch.autograd.grad(y64, x64, grad.double())[0])
+    y32 = F.conv2d(x, w, None, 2, 1)
+    theirs = (y32, torch.autograd.grad(y32, x, grad)[0])
+    for g, e, t in zip(got, exact, theirs):
+        ours_err, theirs_err = (g.double() - e).abs().max(), (t.double() - e).abs().max()
+        assert ours_err <= 2 * theirs_err, (ours_err, theirs_err)
+
+
+def test_direct_stride2_reads_nothing_outside_its_inputs():
+    """Padding and dy's missing row and column (even maps) are zeros, not neighbours (NaN here)."""
+    x = torch.full((4, 16, 6, 8), float("nan")).contiguous(memory_format=torch.channels_last)[1:3]
+    x.copy_(torch.rand(x.shape))
+    w = torch.randn(32, 16, 3, 3)
+    y = torch.ops.resnet_fast.conv3x3_train(x, w, 2, False, False, direct=True)
+    torch.testing.assert_close(y.double(), reference.conv3x3_train(x.double(), w.double(), 2), rtol=1e-5, atol=1e-5)
+    for dy_channels in (16, 32):  # dy read in place, and through the buffer
+        w = torch.randn(dy_channels, 16, 3, 3)
+        g = torch.full((4, dy_channels, 3, 4), float("nan")).contiguous(memory_format=torch.channels_last)[1:3]
+        g.copy_(torch.randn(g.shape))
+        dx = torch.ops.resnet_fast.conv3x3_input_grad(g, w, 2, [2, 16, 6, 8])
+        x64 = torch.zeros(2, 16, 6, 8, dtype=torch.float64, requires_grad=True)
+        (expected,) = torch.autograd.grad(reference.conv3x3_train(x64, w.double(), 2), x64, g.double())
+        torch.testing.assert_close(dx.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_stride2_input_grad_double_backward():
+    """conv3x3_input_grad's own autograd (a gradient penalty on the input gradient), in float64
+    (ATen's kernels: the formula) and through the direct kernel in float32 against float64."""
+    g = torch.randn(2, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    op = torch.ops.resnet_fast.conv3x3_input_grad
+    assert torch.autograd.gradcheck(lambda a, b: op(a, b, 2, [2, 3, 6, 4]), (g, w))
+    assert torch.autograd.gradgradcheck(lambda a, b: op(a, b, 2, [2, 3, 6, 4]), (g, w))
+
+    def penalty(conv, x, w):
+        (gx,) = torch.autograd.grad(conv(x, w).square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        return x.grad, w.grad
+
+    x = make_input((2, 16, 6, 7), torch.float32, "channels_last", requires_grad=True)
+    w32 = torch.randn(32, 16, 3, 3, requires_grad=True)
+    ours = penalty(lambda a, b: conv3x3(a, b, 2, DIRECT), x, w32)
+    x_ref, w_ref = x.detach().double().requires_grad_(True), w32.detach().double().requires_grad_(True)
+    expected = penalty(lambda a, b: reference.conv3x3_train(a, b, 2), x_ref, w_ref)
+    x_t, w_t = x.detach().requires_grad_(True), w32.detach().requires_grad_(True)
+    theirs = penalty(lambda a, b: F.conv2d(a, b, None, 2, 1), x_t, w_t)
+    for got, exp, their in zip(ours, expected, theirs):
+        assert direct_error_bound(got, exp, their)
 
 
 def test_direct_opcheck():
     x = make_input((2, 16, 6, 5), torch.float32, "contiguous", requires_grad=True)
     w = make_input((16, 16, 3, 3), torch.float32, "contiguous", requires_grad=True)
-    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_train, (x, w, 1, False, False), {"direct": True})
+    for stride in (1, 2):
+        torch.library.opcheck(torch.ops.resnet_fast.conv3x3_train, (x, w, stride, False, False), {"direct": True})
+    g = make_input((2, 16, 3, 3), torch.float32, "channels_last", requires_grad=True)
+    torch.library.opcheck(torch.ops.resnet_fast.conv3x3_input_grad, (g, w, 2, [2, 16, 6, 5]))
