@@ -31,12 +31,13 @@ from resnet_fast import _routing
 
 import profile_layers
 
-# The ops whose self time is a training step's convolutions (oneDNN's passes; our Winograd and
-# weight gradient); everything else is "the rest".
+# The ops whose self time is a training step's convolutions (oneDNN's passes; our Winograd, direct
+# kernel and weight gradient); everything else is "the rest".
 CONV_OPS = (
     "aten::mkldnn_convolution",
     "aten::convolution_backward",
     "resnet_fast::conv3x3_train",
+    "resnet_fast::conv3x3_input_grad",
     "resnet_fast::conv3x3_weight_grad",
 )
 # Ops named for a convolution whose own time is not one: dispatch and autograd wrappers, and our

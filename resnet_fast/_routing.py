@@ -411,9 +411,9 @@ def weight_grad_winograd_applies(in_channels: int, out_channels: int, stride: in
 # convolution: even and odd rows and columns of dx take different taps) on the CIFAR nets' two
 # downsampling 3x3s (16 -> 32 and 32 -> 64 channels, hence DIRECT_STRIDE2_MAX_CHANNELS), where
 # oneDNN's backward-data runs at half its forward's speed. bench/test_ops.py::
-# test_conv3x3_direct_stride2 on a 2-core Zen 5 (2026-12-08, three runs): 16 -> 32 forward
-# 1.20-1.51x oneDNN's, input gradient 1.73-1.86x; 32 -> 64 forward 0.93-1.00x, input gradient
-# 1.46-1.50x. In ResNet-20 b128 steps (dispatch-mode timings, both orders of the pair) the two
+# test_conv3x3_direct_stride2 on a 2-core Zen 5 (2026-12-08, four runs): 16 -> 32 forward
+# 0.99-1.51x oneDNN's, input gradient 1.73-1.89x; 32 -> 64 forward 0.93-1.00x, input gradient
+# 1.44-1.50x. In ResNet-20 b128 steps (dispatch-mode timings, both orders of the pair) the two
 # input gradients took 3.3 ms against oneDNN's 8.3 and the steps 0.97x the time.
 DIRECT_CONV3X3 = True
 DIRECT_MAX_CHANNELS = 16
