@@ -84,7 +84,11 @@ def test_compiled_resnet18_training_matches_eager():
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
     out.sum().backward()
     out_ref.sum().backward()
+    # Float32 sums in another order (the compiled graph's): up to 1.4e-5 of a gradient's largest
+    # value apart on torch 2.11 (the stem's weight gradient, up to 112, differed by 1.5e-3), so the
+    # absolute tolerance scales with that value; a wrong gradient is off by the size of its terms.
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+        scale = max(1.0, q.grad.abs().max().item())
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
