@@ -680,27 +680,35 @@ def direct_error_bound(got, exact, theirs):
     return (got.double() - exact).abs().max().item() <= max(2 * (theirs.double() - exact).abs().max().item(), floor)
 
 
+def check_direct_against_formula(shape, layout, stride):
+    """The direct plan's forward, input gradient and weight gradient on (N, C, H, W, K) `shape` at
+    `stride` against the formula in float64, each within direct_error_bound of PyTorch's float32;
+    returns (weight, grad_x, grad_weight) for the caller's layout checks."""
+    n, c, h, w, k = shape
+    x = make_input((n, c, h, w), torch.float32, layout, requires_grad=True)
+    wt = make_input((k, c, 3, 3), torch.float32, "contiguous", requires_grad=True)
+    y = conv3x3(x, wt, stride, DIRECT)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, wt), grad)
+    x64, w64 = x.detach().double().requires_grad_(True), wt.detach().double().requires_grad_(True)
+    y64 = reference.conv3x3_train(x64, w64, stride)
+    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), grad.double())
+    xt, wtt = x.detach().requires_grad_(True), wt.detach().requires_grad_(True)
+    yt = F.conv2d(xt, wtt, None, stride, 1)
+    gxt, gwt = torch.autograd.grad(yt, (xt, wtt), grad)
+    for got, exact, theirs in ((y, y64, yt), (gx, gx64, gxt), (gw, gw64, gwt)):
+        assert got.shape == exact.shape and got.dtype == torch.float32
+        assert direct_error_bound(got, exact, theirs)
+    return wt, gx, gw
+
+
 @pytest.mark.parametrize("shape", DIRECT_SHAPES, ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "noncontiguous"])
 def test_direct_matches_formula(shape, layout):
     """Forward, input gradient and weight gradient (ATen's, on the recomputed or kept input) against
     the formula in float64, each within 2x PyTorch's float32 error."""
-    n, c, h, w, k = shape
-    x = make_input((n, c, h, w), torch.float32, layout, requires_grad=True)
-    wt = make_input((k, c, 3, 3), torch.float32, "contiguous", requires_grad=True)
-    y = conv3x3(x, wt, 1, DIRECT)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    grad = torch.randn_like(y)
-    gx, gw = torch.autograd.grad(y, (x, wt), grad)
-    x64, w64 = x.detach().double().requires_grad_(True), wt.detach().double().requires_grad_(True)
-    y64 = reference.conv3x3_train(x64, w64, 1)
-    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), grad.double())
-    xt, wtt = x.detach().requires_grad_(True), wt.detach().requires_grad_(True)
-    yt = F.conv2d(xt, wtt, None, 1, 1)
-    gxt, gwt = torch.autograd.grad(yt, (xt, wtt), grad)
-    for got, exact, theirs in ((y, y64, yt), (gx, gx64, gxt), (gw, gw64, gwt)):
-        assert got.shape == exact.shape and got.dtype == torch.float32
-        assert direct_error_bound(got, exact, theirs)
+    wt, gx, gw = check_direct_against_formula(shape, layout, 1)
     assert gw.stride() == wt.stride()
 
 
@@ -774,22 +782,7 @@ DIRECT_STRIDE2_SHAPES = [
 def test_direct_stride2_matches_formula(shape, layout):
     """The stride-2 forward and input gradient (conv3x3_input_grad: even and odd rows and columns
     take different taps) against the formula in float64, within 2x PyTorch's float32 error."""
-    n, c, h, w, k = shape
-    x = make_input((n, c, h, w), torch.float32, layout, requires_grad=True)
-    wt = make_input((k, c, 3, 3), torch.float32, "contiguous", requires_grad=True)
-    y = conv3x3(x, wt, 2, DIRECT)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    grad = torch.randn_like(y)
-    gx, gw = torch.autograd.grad(y, (x, wt), grad)
-    x64, w64 = x.detach().double().requires_grad_(True), wt.detach().double().requires_grad_(True)
-    y64 = reference.conv3x3_train(x64, w64, 2)
-    gx64, gw64 = torch.autograd.grad(y64, (x64, w64), grad.double())
-    xt, wtt = x.detach().requires_grad_(True), wt.detach().requires_grad_(True)
-    yt = F.conv2d(xt, wtt, None, 2, 1)
-    gxt, gwt = torch.autograd.grad(yt, (xt, wtt), grad)
-    for got, exact, theirs in ((y, y64, yt), (gx, gx64, gxt), (gw, gw64, gwt)):
-        assert got.shape == exact.shape and got.dtype == torch.float32
-        assert direct_error_bound(got, exact, theirs)
+    wt, gx, gw = check_direct_against_formula(shape, layout, 2)
     assert gx.is_contiguous(memory_format=torch.channels_last)
 
 
